@@ -1,0 +1,55 @@
+"""Lightning callbacks of the training app."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from types import FrameType
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import OnExceptionCheckpoint
+
+
+class SaveOnInterrupt(OnExceptionCheckpoint):
+    """Nothing lost on Ctrl-C, SIGTERM or a crash: ``<dirpath>/interrupted.ckpt`` holds where training stood.
+
+    The first SIGINT or SIGTERM during ``fit`` stops training at the end of the current step, so the
+    checkpoint sits exactly between two steps and a resumed run continues as if never stopped; a second
+    signal interrupts at once. Any other exception during training also saves the checkpoint; one raised
+    before the first optimizer step (bad data, bad config) saves nothing, so no checkpoint looks like a result.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, dirpath: str, filename: str = "interrupted") -> None:
+        super().__init__(dirpath, filename)
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.received = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt(f"stopped by {signal.Signals(self.received).name}")
+
+    def _restore_handlers(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore_handlers()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore_handlers()
+        if trainer.global_step > 0:
+            super().on_exception(trainer, pl_module, exception)

@@ -1,0 +1,67 @@
+"""Hydra callback that keeps a summary of a multirun sweep at its root, failed jobs included."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+COLUMNS = ("job", "overrides", "status", "val_acc_best", "test_acc", "params", "wall_time_s", "error")
+
+
+class SweepSummary(Callback):
+    """After every job of a multirun, rewrite ``summary.csv`` and ``summary.md`` at the sweep root.
+
+    Rows are sorted by best validation accuracy; a failed job is listed with its error (kept in the job
+    directory's ``error.json``), so the summary is complete even when a failure ends the sweep with exit 1.
+    """
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        if config.hydra.mode != RunMode.MULTIRUN:
+            return
+        if job_return.status == JobStatus.FAILED:
+            error = job_return._return_value
+            message = str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"
+            (Path(config.hydra.runtime.output_dir) / "error.json").write_text(json.dumps({"error": message}))
+        write_summary(Path(config.hydra.sweep.dir))
+
+
+def collect_rows(sweep_dir: Path) -> list[dict[str, Any]]:
+    """One row per job directory of a sweep: its overrides, status, metrics or error."""
+    rows = []
+    for job_dir in sorted((d for d in sweep_dir.iterdir() if d.name.isdigit()), key=lambda d: int(d.name)):
+        overrides_file = job_dir / ".hydra" / "overrides.yaml"
+        overrides = OmegaConf.to_container(OmegaConf.load(overrides_file)) if overrides_file.exists() else []
+        row: dict[str, Any] = {"job": int(job_dir.name), "overrides": " ".join(overrides), "status": "running"}
+        if (job_dir / "results.json").exists():
+            results = json.loads((job_dir / "results.json").read_text())
+            row.update({key: results.get(key) for key in COLUMNS[3:7]}, status="ok")
+        elif (job_dir / "error.json").exists():
+            row.update(status="failed", error=json.loads((job_dir / "error.json").read_text())["error"])
+        rows.append(row)
+    return sorted(rows, key=lambda r: (r.get("val_acc_best") is None, -(r.get("val_acc_best") or 0), r["job"]))
+
+
+def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
+    """Write ``summary.csv`` and ``summary.md`` for the sweep in ``sweep_dir``; return the rows."""
+    rows = collect_rows(sweep_dir)
+    with open(sweep_dir / "summary.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.4f}" if value < 10 else f"{value:.1f}"
+        return "" if value is None else str(value).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(cell(row.get(c)) for c in COLUMNS) + " |" for row in rows]
+    (sweep_dir / "summary.md").write_text(f"# Sweep {sweep_dir.name}\n\n" + "\n".join(lines) + "\n")
+    return rows

@@ -1,0 +1,119 @@
+"""Train and test one model: ``python -m fashion_lightning.train`` (a Hydra app) or ``train(cfg)`` from Python."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from fashion_lightning.errors import UserError
+from fashion_lightning.module import ImageClassifier, check_compatible, read_checkpoint
+
+CONFIG_DIR = str(next(p for p in (Path(__file__).parent / "conf", Path(__file__).parents[1] / "conf") if p.is_dir()))
+"""The shipped configs: inside the installed package, or ``conf/`` at the top of a source checkout."""
+
+
+def check_accelerator(accelerator: str) -> None:
+    """Fail early, in one line, when a GPU is asked for on a machine without one."""
+    if str(accelerator) in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise UserError(f"trainer.accelerator={accelerator} but this machine has no usable CUDA GPU; "
+                        "use trainer=cpu or trainer.accelerator=auto")
+
+
+def resolve_ckpt_path(ckpt_path: str | None, output_root: str | os.PathLike, run_dir: Path) -> str | None:
+    """Turn ``ckpt_path`` (a file, a run directory or "last") into a checkpoint file, or None."""
+    if ckpt_path is None:
+        return None
+    if ckpt_path == "last":
+        root = Path(output_root)
+        found = [p for p in root.glob("**/checkpoints/*.ckpt") if run_dir not in p.parents]
+        if not found:
+            raise UserError(f"ckpt_path=last but no checkpoint exists under {str(root)!r}; train first or pass a path")
+        return str(max(found, key=lambda p: p.stat().st_mtime))
+    path = Path(ckpt_path).expanduser()
+    if path.is_dir():
+        found = sorted((path / "checkpoints").glob("*.ckpt")) + sorted(path.glob("*.ckpt"))
+        if not found:
+            raise UserError(f"ckpt_path={ckpt_path!r} is a directory without checkpoints; pass a .ckpt file")
+        return str(max(found, key=lambda p: p.stat().st_mtime))
+    return str(path)
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON atomically: readers see the old file or the whole new one, never half of it."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(data, indent=2) + "\n")
+    partial.replace(path)
+
+
+def _overrides() -> list[str]:
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fit ``cfg.model`` on ``cfg.data``, test the chosen checkpoint once, write ``results.json``; return it.
+
+    ``cfg`` is the composed ``train`` config; ``cfg.paths.output_dir`` is the run directory.
+    """
+    start = time.perf_counter()
+    check_accelerator(cfg.trainer.accelerator)
+    if cfg.test_ckpt not in ("best", "last"):
+        raise UserError(f"test_ckpt must be best or last, got {cfg.test_ckpt!r}")
+    run_dir = Path(cfg.paths.output_dir)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule: L.LightningDataModule = instantiate(cfg.data)
+    model: ImageClassifier = instantiate(cfg.model)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.output_root, run_dir)
+    if ckpt_path:
+        check_compatible(read_checkpoint(ckpt_path), model, ckpt_path)
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    fit_metrics = {k.replace("/", "_"): float(v) for k, v in trainer.callback_metrics.items() if "/" in k}
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    test_ckpt = best if cfg.test_ckpt == "best" and best else None
+    (test_metrics,) = trainer.test(model, datamodule=datamodule, ckpt_path=test_ckpt, verbose=False)
+
+    results = {
+        **fit_metrics,
+        "test_acc": test_metrics["test/acc"],
+        "test_loss": test_metrics["test/loss"],
+        "tested": test_ckpt or "final weights",
+        "epochs": trainer.current_epoch,
+        "steps": trainer.global_step,
+        "wall_time_s": round(time.perf_counter() - start, 2),
+        "params": sum(p.numel() for p in model.net.parameters()),
+        "model": cfg.model._target_,
+        "seed": cfg.seed,
+        "overrides": _overrides(),
+        "resumed_from": ckpt_path,
+        "run_dir": str(run_dir),
+    }
+    if trainer.is_global_zero:
+        if cfg.get("report"):
+            from fashion_lightning.evaluate import write_report
+
+            write_report(model, datamodule, run_dir / "report", metrics_csv=run_dir / "metrics.csv")
+        write_json(run_dir / "results.json", results)
+    return results
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    """The Hydra entry point; returns ``cfg.optimized_metric`` from the results for sweepers."""
+    return train(cfg).get(cfg.optimized_metric)
+
+
+if __name__ == "__main__":
+    main()

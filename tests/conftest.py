@@ -1,0 +1,60 @@
+"""Shared fixtures: a synthetic Fashion-MNIST written as real IDX .gz files, and composed app configs."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fashion_lightning.data import ensure_raw_files
+
+N_TRAIN, N_TEST = 60_000, 10_000
+
+
+def write_idx(path: Path, array: np.ndarray, magic: int | None = None) -> None:
+    """Write ``array`` (uint8) as an IDX file, gzipped when ``path`` ends in .gz."""
+    magic = magic if magic is not None else (2051 if array.ndim == 3 else 2049)
+    header = struct.pack(f">{1 + array.ndim}I", magic, *array.shape)
+    opener = gzip.open if path.suffix == ".gz" else open
+    kwargs = {"compresslevel": 1} if path.suffix == ".gz" else {}
+    with opener(path, "wb", **kwargs) as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def synthetic_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Learnable fake Fashion-MNIST: each class is a fixed blocky pattern, light on dark, with noise."""
+    rng = np.random.default_rng(seed)
+    blocks = np.random.default_rng(0).random((10, 7, 7)) > 0.55
+    templates = np.kron(blocks, np.ones((4, 4))) * 200.0
+    labels = rng.integers(0, 10, n).astype(np.uint8)
+    images = templates[labels] * rng.uniform(0.5, 1.0, (n, 1, 1)) + rng.uniform(0, 60, (n, 28, 28))
+    return np.clip(images, 0, 255).astype(np.uint8), labels
+
+
+@pytest.fixture(scope="session")
+def fmnist_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder of the four original-style .gz files, synthetic content, full 60,000/10,000 size."""
+    folder = tmp_path_factory.mktemp("fmnist_source")
+    for prefix, n, seed in (("train", N_TRAIN, 1), ("t10k", N_TEST, 2)):
+        images, labels = synthetic_split(n, seed)
+        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def data_dir(fmnist_source: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data_dir already holding torchvision's layout, extracted from `fmnist_source`."""
+    folder = tmp_path_factory.mktemp("fmnist_data")
+    ensure_raw_files(folder, str(fmnist_source), download=False)
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def _no_real_source(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Tests never read $FASHION_MNIST_DIR or the Debian folder unless they ask for it."""
+    monkeypatch.delenv("FASHION_MNIST_DIR", raising=False)
+    monkeypatch.setattr("fashion_lightning.data.DEFAULT_SOURCE_DIR", str(tmp_path / "no-debian-data"))
