@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import signal
 import threading
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import OnExceptionCheckpoint
+from lightning.pytorch.callbacks import Callback
 
 
-class SaveOnInterrupt(OnExceptionCheckpoint):
+class SaveOnInterrupt(Callback):
     """Nothing lost on Ctrl-C, SIGTERM or a crash: ``<dirpath>/interrupted.ckpt`` holds where training stood.
 
     The first SIGINT or SIGTERM during ``fit`` stops training at the end of the current step, so the
@@ -23,7 +24,7 @@ class SaveOnInterrupt(OnExceptionCheckpoint):
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, dirpath: str, filename: str = "interrupted") -> None:
-        super().__init__(dirpath, filename)
+        self.ckpt_path = Path(dirpath) / f"{filename}.ckpt"
         self.received: int | None = None
         self._previous: dict[int, Any] = {}
 
@@ -52,4 +53,4 @@ class SaveOnInterrupt(OnExceptionCheckpoint):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._restore_handlers()
         if trainer.global_step > 0:
-            super().on_exception(trainer, pl_module, exception)
+            trainer.save_checkpoint(self.ckpt_path)

@@ -1,6 +1,12 @@
 """The one exception type for user mistakes: bad arguments, bad files, missing data."""
 
-from hydra.errors import CompactHydraException
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import CompactHydraException, InstantiationException
+from hydra.types import RunMode
 
 
 class UserError(CompactHydraException, ValueError):
@@ -16,3 +22,19 @@ def check_positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise UserError(f"{name} must be a positive integer, got {value!r}")
     return value
+
+
+@contextmanager
+def reported_as_one_line() -> Iterator[None]:
+    """In a command-line app, print a `UserError` (raised directly or inside a Hydra instantiation) as one
+    ``error: ...`` line on stderr and exit with code 1. In a multirun the error is re-raised instead, so the
+    sweep records it and goes on with the next job. Any other exception (a bug) keeps its traceback.
+    """
+    try:
+        yield
+    except (UserError, InstantiationException) as err:
+        cause = err if isinstance(err, UserError) else err.__cause__
+        if not isinstance(cause, UserError) or (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN):
+            raise
+        print(f"error: {cause}", file=sys.stderr)
+        sys.exit(1)

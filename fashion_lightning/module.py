@@ -162,8 +162,12 @@ def check_compatible(checkpoint: dict[str, Any], model: ImageClassifier, path: s
 
 
 def load_model(path: str | Path) -> ImageClassifier:
-    """Rebuild the trained model saved in a fashion_lightning checkpoint (on the CPU, in eval mode)."""
-    checkpoint = read_checkpoint(path)
+    """Rebuild the trained model saved in a fashion_lightning checkpoint file (on the CPU, in eval mode)."""
+    return model_from_checkpoint(read_checkpoint(path))
+
+
+def model_from_checkpoint(checkpoint: dict[str, Any]) -> ImageClassifier:
+    """Rebuild the model of a checkpoint already read with `read_checkpoint` (on the CPU, in eval mode)."""
     module_name, _, class_name = checkpoint[CHECKPOINT_KEY].partition(":")
     cls = getattr(importlib.import_module(module_name), class_name)
     model = cls(**checkpoint.get("hyper_parameters", {}))

@@ -15,7 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from fashion_lightning.errors import UserError
+from fashion_lightning.errors import UserError, reported_as_one_line
 from fashion_lightning.module import ImageClassifier, check_compatible, read_checkpoint
 
 CONFIG_DIR = str(next(p for p in (Path(__file__).parent / "conf", Path(__file__).parents[1] / "conf") if p.is_dir()))
@@ -102,9 +102,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     }
     if trainer.is_global_zero:
         if cfg.get("report"):
-            from fashion_lightning.evaluate import write_report
+            from fashion_lightning.report import METRICS_CSV, write_report
 
-            write_report(model, datamodule, run_dir / "report", metrics_csv=run_dir / "metrics.csv")
+            write_report(model, datamodule, run_dir / "report", metrics_csv=run_dir / METRICS_CSV)
         write_json(run_dir / "results.json", results)
     return results
 
@@ -112,7 +112,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """The Hydra entry point; returns ``cfg.optimized_metric`` from the results for sweepers."""
-    return train(cfg).get(cfg.optimized_metric)
+    with reported_as_one_line():
+        return train(cfg).get(cfg.optimized_metric)
 
 
 if __name__ == "__main__":

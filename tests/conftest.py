@@ -8,8 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
 
 from fashion_lightning.data import ensure_raw_files
+from fashion_lightning.train import CONFIG_DIR
 
 N_TRAIN, N_TEST = 60_000, 10_000
 
@@ -30,7 +33,7 @@ def synthetic_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     blocks = np.random.default_rng(0).random((10, 7, 7)) > 0.55
     templates = np.kron(blocks, np.ones((4, 4))) * 200.0
     labels = rng.integers(0, 10, n).astype(np.uint8)
-    images = templates[labels] * rng.uniform(0.5, 1.0, (n, 1, 1)) + rng.uniform(0, 60, (n, 28, 28))
+    images = templates[labels] * rng.uniform(0.3, 1.0, (n, 1, 1)) + rng.uniform(0, 150, (n, 28, 28))
     return np.clip(images, 0, 255).astype(np.uint8), labels
 
 
@@ -58,3 +61,17 @@ def _no_real_source(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Tests never read $FASHION_MNIST_DIR or the Debian folder unless they ask for it."""
     monkeypatch.delenv("FASHION_MNIST_DIR", raising=False)
     monkeypatch.setattr("fashion_lightning.data.DEFAULT_SOURCE_DIR", str(tmp_path / "no-debian-data"))
+
+
+def quick_overrides(data_dir: Path, output_dir: Path) -> list[str]:
+    """Overrides for a run of a few steps on the synthetic data, writing into ``output_dir``."""
+    return [f"paths.data_dir={data_dir}", f"paths.output_dir={output_dir}", f"paths.output_root={output_dir.parent}",
+            "trainer=cpu", "trainer.max_epochs=1", "+trainer.limit_train_batches=20", "+trainer.limit_val_batches=2",
+            "~callbacks.progress_bar", "+trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false", "data.download=false",
+            "report=false"]
+
+
+def compose_train(*overrides: str, hydra_node: bool = False) -> DictConfig:
+    """The composed ``train`` config, as the Hydra app would see it (with the hydra node if asked)."""
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose("train", overrides=list(overrides), return_hydra_config=hydra_node)

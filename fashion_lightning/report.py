@@ -1,0 +1,143 @@
+"""The evaluation report: test-set predictions, per-class table, confusion matrix, samples and curves as PNGs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+from torch import Tensor
+from torchmetrics.functional.classification import multiclass_confusion_matrix
+
+from fashion_lightning.data import CLASS_NAMES, BatchLoader, FashionMNISTDataModule
+from fashion_lightning.module import ImageClassifier
+
+METRICS_CSV = "logs/metrics.csv"
+"""Where the CSV logger (conf/logger/csv.yaml) writes per-epoch metrics, relative to the run directory."""
+
+
+@torch.inference_mode()
+def predict_test_set(model: ImageClassifier, datamodule: FashionMNISTDataModule) -> tuple[Tensor, Tensor, Tensor]:
+    """Class probabilities (N, 10), the scaled images (N, 1, 28, 28) and labels (N,) of the official test set."""
+    datamodule.setup("test")
+    images, labels = datamodule.test_set
+    loader = BatchLoader(images, labels, 1000, scale=datamodule.hparams.scale)
+    model = model.eval().cpu()
+    probs = torch.cat([model(x).softmax(dim=1) for x, _ in loader])
+    pixels = images.unsqueeze(1).float() / (255.0 if datamodule.hparams.scale else 1.0)
+    return probs, pixels, labels
+
+
+def class_table(confusion: Tensor) -> list[dict[str, Any]]:
+    """Per-class support, precision, recall (the class's own accuracy) and F1 from a confusion matrix."""
+    rows = []
+    for i, name in enumerate(CLASS_NAMES):
+        tp, support, predicted = confusion[i, i].item(), confusion[i].sum().item(), confusion[:, i].sum().item()
+        precision = tp / predicted if predicted else 0.0
+        recall = tp / support if support else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        rows.append({"class": name, "support": support, "precision": precision, "recall": recall, "f1": f1})
+    return rows
+
+
+def plot_confusion(confusion: Tensor, path: Path) -> None:
+    """Counts in cells, class names on both axes."""
+    fig = Figure(figsize=(9, 8), dpi=100)
+    ax = fig.subplots()
+    ax.imshow(confusion.numpy(), cmap="Blues")
+    ticks = range(len(CLASS_NAMES))
+    ax.set_xticks(ticks, CLASS_NAMES, rotation=45, ha="right")
+    ax.set_yticks(ticks, CLASS_NAMES)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    threshold = confusion.max().item() / 2
+    for (i, j), count in zip(((i, j) for i in ticks for j in ticks), confusion.flatten().tolist()):
+        ax.text(j, i, str(count), ha="center", va="center", fontsize=8, color="white" if count > threshold else "black")
+    ax.set_title("Confusion matrix (test set)")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def plot_samples(pixels: Tensor, labels: Tensor, preds: Tensor, path: Path, n: int = 36) -> None:
+    """A grid of test images titled true/predicted; mistakes in red. Shows every mistake it can fit."""
+    wrong = (preds != labels).nonzero().flatten()
+    right = (preds == labels).nonzero().flatten()
+    k = min(len(wrong), n // 2)
+    chosen = torch.cat([wrong[:k], right[: n - k]]).sort().values
+    cols = 6
+    fig = Figure(figsize=(cols * 1.6, math.ceil(len(chosen) / cols) * 1.8), dpi=100)
+    for axis, idx in zip(fig.subplots(math.ceil(len(chosen) / cols), cols).flatten(), chosen.tolist()):
+        axis.imshow(pixels[idx, 0].numpy(), cmap="gray")
+        ok = bool(preds[idx] == labels[idx])
+        axis.set_title(f"{CLASS_NAMES[labels[idx]]}\n{'' if ok else 'x '}{CLASS_NAMES[preds[idx]]}", fontsize=7,
+                       color="black" if ok else "red")
+        axis.axis("off")
+    fig.suptitle("test images: true (top) / predicted (bottom, red = mistake)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def read_epoch_metrics(metrics_csv: Path) -> dict[str, list[tuple[int, float]]]:
+    """Per-epoch series (epoch, value) of every logged ``train/``/``val/`` metric in a Lightning metrics.csv."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    with open(metrics_csv) as f:
+        for row in csv.DictReader(f):
+            for key, value in row.items():
+                if key.startswith(("train/", "val/")) and value not in ("", None):
+                    series.setdefault(key, []).append((int(row["epoch"]), float(value)))
+    return series
+
+
+def plot_curves(metrics_csv: Path, path: Path) -> None:
+    """Train and validation loss and accuracy per epoch."""
+    series = read_epoch_metrics(metrics_csv)
+    fig = Figure(figsize=(10, 4), dpi=100)
+    for axis, what in zip(fig.subplots(1, 2), ("loss", "acc")):
+        for split in ("train", "val"):
+            points = series.get(f"{split}/{what}", [])
+            axis.plot([e + 1 for e, _ in points], [v for _, v in points], marker="o", label=split)
+        axis.set_xlabel("epoch")
+        axis.set_title("accuracy" if what == "acc" else "loss")
+        axis.grid(alpha=0.3)
+        axis.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def write_report(model: ImageClassifier, datamodule: FashionMNISTDataModule, out_dir: str | Path,
+                 metrics_csv: str | Path | None = None) -> dict[str, Any]:
+    """Evaluate ``model`` on the test set and write ``out_dir``: report.md, report.json and the PNGs."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    probs, pixels, labels = predict_test_set(model, datamodule)
+    preds = probs.argmax(dim=1)
+    confusion = multiclass_confusion_matrix(preds, labels, len(CLASS_NAMES))
+    rows = class_table(confusion)
+    summary = {
+        "test_acc": (preds == labels).float().mean().item(),
+        "test_loss": F.nll_loss(probs.clamp_min(1e-12).log(), labels).item(),
+        "n": len(labels),
+        "per_class": rows,
+        "confusion_matrix": confusion.tolist(),
+    }
+    plot_confusion(confusion, out / "confusion_matrix.png")
+    plot_samples(pixels, labels, preds, out / "samples.png")
+    pictures = ["confusion_matrix.png", "samples.png"]
+    if metrics_csv is not None and Path(metrics_csv).is_file():
+        plot_curves(Path(metrics_csv), out / "curves.png")
+        pictures.append("curves.png")
+    table = ["| class | support | precision | recall (class accuracy) | F1 |", "|---|---:|---:|---:|---:|"]
+    table += [f"| {r['class']} | {r['support']} | {r['precision']:.4f} | {r['recall']:.4f} | {r['f1']:.4f} |"
+              for r in rows]
+    text = [f"# Evaluation report: {type(model).__name__}", "",
+            f"Test accuracy **{summary['test_acc']:.4f}**, mean cross-entropy loss {summary['test_loss']:.4f} "
+            f"on the {summary['n']:,} official test images.", "", *table, "",
+            *[f"![{p[:-4]}]({p})" for p in pictures], ""]
+    (out / "report.md").write_text("\n".join(text))
+    (out / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary

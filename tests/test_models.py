@@ -1,0 +1,110 @@
+"""The plain torch.nn networks: exact sizes, the commuted pool/ReLU, Keras init and summary."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fashion_lightning import ConvNet, DenseNet, UserError, keras_init_, summary
+
+
+def reference_cnn(net: ConvNet, x: torch.Tensor) -> torch.Tensor:
+    """The CNN exactly as the tutorial writes it: ReLU, then the 2x2 max-pool."""
+    h = F.max_pool2d(F.relu(net.conv(x)), 2)
+    return net.out(F.relu(net.fc(h.flatten(1))))
+
+
+def test_dense_baseline_has_the_tutorials_29898_parameters() -> None:
+    net = DenseNet()
+    assert [p.numel() for p in net.parameters()] == [3584, 128, 8192, 64, 17920, 10]
+    assert sum(p.numel() for p in net.parameters()) == 29_898
+    assert net(torch.rand(5, 1, 28, 28)).shape == (5, 10)
+
+
+def test_dense_applies_the_first_layers_to_each_row() -> None:
+    net = DenseNet()
+    x = torch.rand(2, 1, 28, 28)
+    rows = F.relu(net.row2(F.relu(net.row1(x[:, 0]))))
+    assert torch.allclose(net(x), net.out(rows.reshape(2, 28 * 64)))
+
+
+def test_cnn_has_the_tutorials_804554_parameters() -> None:
+    net = ConvNet()
+    assert [p.numel() for p in net.parameters()] == [288, 32, 802_816, 128, 1280, 10]
+    assert sum(p.numel() for p in net.parameters()) == 804_554
+    assert net(torch.rand(3, 1, 28, 28)).shape == (3, 10)
+
+
+@pytest.mark.parametrize("k", range(1, 8))
+def test_every_kernel_size_keeps_the_6272_flatten(k: int) -> None:
+    net = ConvNet(kernel_size=k)
+    assert net.fc.in_features == 6272
+    assert net.pool(net.conv(torch.rand(2, 1, 28, 28))).flatten(1).shape == (2, 6272)
+    assert sum(p.numel() for p in net.parameters()) == 32 * k * k + 32 + 802_944 + 1290
+
+
+@pytest.mark.parametrize("k", [2, 3, 4, 5])
+def test_same_padding_matches_keras_for_even_and_odd_kernels(k: int) -> None:
+    net = ConvNet(kernel_size=k)
+    x = torch.rand(1, 1, 28, 28)
+    before = (k - 1) // 2  # Keras/TensorFlow 'same': the extra pixel of an even kernel goes after
+    expected = F.conv2d(F.pad(x, (before, k - 1 - before, before, k - 1 - before)), net.conv.weight, net.conv.bias)
+    assert torch.allclose(net.conv(x), expected, atol=1e-6)
+
+
+def test_cnn_forward_and_gradients_match_the_tutorial_formulation() -> None:
+    torch.manual_seed(0)
+    net = keras_init_(ConvNet())  # zero conv biases make exact zeros (ReLU ties) common in the background
+    x = torch.rand(64, 1, 28, 28) * (torch.rand(64, 1, 28, 28) > 0.5)
+    y = torch.randint(0, 10, (64,))
+    grads = []
+    for forward in (net, lambda inputs: reference_cnn(net, inputs)):
+        net.zero_grad()
+        logits = forward(x)
+        F.cross_entropy(logits, y).backward()
+        grads.append((logits.detach(), [p.grad.clone() for p in net.parameters()]))
+    (out_fast, g_fast), (out_ref, g_ref) = grads
+    assert torch.allclose(out_fast, out_ref, atol=1e-6)
+    for a, b in zip(g_fast, g_ref, strict=True):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_keras_init_gives_zero_biases_and_glorot_bounds() -> None:
+    torch.manual_seed(0)
+    net = keras_init_(ConvNet())
+    for layer, fan_in, fan_out in ((net.conv, 9, 32 * 9), (net.fc, 6272, 128), (net.out, 128, 10)):
+        assert torch.count_nonzero(layer.bias) == 0
+        bound = math.sqrt(6 / (fan_in + fan_out))
+        w = layer.weight.abs()
+        assert w.max() <= bound and w.max() > 0.95 * bound  # uniform over the whole +-bound range
+    default = ConvNet()
+    assert torch.count_nonzero(default.fc.bias) > 0
+
+
+@pytest.mark.parametrize(("kwargs", "name"), [({"kernel_size": 0}, "kernel_size"), ({"kernel_size": -3}, "kernel_size"),
+                                              ({"kernel_size": 2.5}, "kernel_size"), ({"filters": 0}, "filters"),
+                                              ({"hidden": 0}, "hidden")])
+def test_bad_cnn_sizes(kwargs: dict, name: str) -> None:
+    with pytest.raises(UserError, match=f"model.{name} must be a positive integer, got {next(iter(kwargs.values()))!r}"):
+        ConvNet(**kwargs)
+
+
+def test_bad_dense_width() -> None:
+    with pytest.raises(UserError, match="model.hidden1 must be a positive integer, got 0"):
+        DenseNet(hidden1=0)
+
+
+def test_summary_matches_the_tutorials_tables() -> None:
+    cnn = summary(ConvNet())
+    assert "conv (Conv2d)" in cnn and "(None, 32, 28, 28)" in cnn and "320" in cnn
+    assert "pool (MaxPool2d)" in cnn and "(None, 32, 14, 14)" in cnn
+    assert "(None, 6272)" in cnn and "802,944" in cnn and "1,290" in cnn
+    assert "Total params: 804,554" in cnn
+    dense = summary(DenseNet())
+    for shape, params in (("(None, 28, 128)", "3,712"), ("(None, 28, 64)", "8,256"), ("(None, 1792)", "0"),
+                          ("(None, 10)", "17,930")):
+        assert any(shape in line and line.rstrip().endswith(params) for line in dense.splitlines())
+    assert "Total params: 29,898" in dense

@@ -1,0 +1,156 @@
+"""The Hydra training app: composition, train(cfg), the CLI, sweeps and their summary, clear failures."""
+
+from __future__ import annotations
+
+import csv
+import inspect
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+from hydra.utils import instantiate
+
+from conftest import compose_train, quick_overrides
+from fashion_lightning import CNN, DenseBaseline, FashionMNISTDataModule
+from fashion_lightning.module import load_model
+from fashion_lightning.errors import UserError
+from fashion_lightning.train import check_accelerator, train
+
+TRAINERS = ["default", "cpu", "gpu", "ddp", "ddp_cpu"]
+
+
+def run_cli(*args: str, cwd: Path, module: str = "fashion_lightning.train") -> subprocess.CompletedProcess:
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    env.pop("FASHION_MNIST_DIR", None)
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("trainer", TRAINERS)
+@pytest.mark.parametrize("model", ["cnn", "dense"])
+def test_every_model_and_trainer_composes_and_instantiates(model: str, trainer: str, tmp_path: Path) -> None:
+    cfg = compose_train(f"model={model}", f"trainer={trainer}", f"paths.output_dir={tmp_path}")
+    assert isinstance(instantiate(cfg.model), CNN if model == "cnn" else DenseBaseline)
+    assert isinstance(instantiate(cfg.data), FashionMNISTDataModule)
+    if cfg.trainer.accelerator == "gpu":  # composed and checked against Trainer's signature, not started
+        kwargs = {k: v for k, v in cfg.trainer.items() if k != "_target_"}
+        inspect.signature(L.Trainer).bind(**kwargs)
+        assert cfg.trainer.strategy == "ddp" if trainer == "ddp" else cfg.trainer.devices == 1
+    else:
+        trainer_obj = instantiate(cfg.trainer)
+        assert isinstance(trainer_obj, L.Trainer)
+        assert trainer_obj.num_devices == (2 if trainer == "ddp_cpu" else 1)
+    for callback in cfg.callbacks.values():
+        instantiate(callback)
+
+
+def test_experiments_set_the_tutorial_recipes() -> None:
+    cnn = compose_train("experiment=seed_cnn")
+    assert cnn.model._target_ == "fashion_lightning.CNN" and cnn.model.keras_init and cnn.model.eps == 1e-7
+    assert (cnn.data.batch_size, cnn.data.val_split, cnn.data.scale, cnn.trainer.max_epochs) == (32, 0, True, 5)
+    assert cnn.test_ckpt == "last"
+    dense = compose_train("experiment=seed_dense")
+    assert dense.model._target_ == "fashion_lightning.DenseBaseline" and dense.model.keras_init
+    assert (dense.data.scale, dense.trainer.max_epochs, dense.data.val_split) == (False, 10, 0)
+
+
+@pytest.mark.parametrize("model", ["cnn", "dense"])
+def test_train_returns_metrics_and_writes_a_reloadable_run(model: str, data_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    results = train(compose_train(f"model={model}", *quick_overrides(data_dir, out)))
+    assert results["params"] == (804_554 if model == "cnn" else 29_898)
+    assert results["steps"] == 20 and results["epochs"] == 1
+    assert 0.0 <= results["test_acc"] <= 1.0 and results["val_acc_best"] > 0.3
+    assert results["tested"].endswith("checkpoints/best.ckpt")
+    assert json.loads((out / "results.json").read_text()) == results
+    assert {p.name for p in (out / "checkpoints").iterdir()} == {"best.ckpt", "last.ckpt"}
+    reloaded = load_model(out / "checkpoints" / "best.ckpt")
+    assert isinstance(reloaded, CNN if model == "cnn" else DenseBaseline)
+    rows = list(csv.DictReader(open(out / "logs" / "metrics.csv")))
+    assert any(row["val/acc"] for row in rows) and any(row["train/acc"] for row in rows)
+
+
+def test_test_ckpt_last_reports_the_final_weights(data_dir: Path, tmp_path: Path) -> None:
+    results = train(compose_train("test_ckpt=last", *quick_overrides(data_dir, tmp_path / "run")))
+    assert results["tested"] == "final weights"
+
+
+def test_gpu_without_gpu_is_one_clear_error() -> None:
+    with pytest.raises(UserError, match="trainer.accelerator=gpu but this machine has no usable CUDA GPU"):
+        check_accelerator("gpu")
+
+
+def test_cli_run_writes_the_run_directory(data_dir: Path, tmp_path: Path) -> None:
+    overrides = [o for o in quick_overrides(data_dir, tmp_path) if not o.startswith("paths.output")]
+    done = run_cli(*overrides, "model=dense", "report=true", "paths.output_root=outs", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run_dir,) = (tmp_path / "outs" / "runs").iterdir()
+    assert {"results.json", "checkpoints", "logs", ".hydra", "report"} <= {p.name for p in run_dir.iterdir()}
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    assert json.loads((run_dir / "results.json").read_text())["overrides"][-1] == "paths.output_root=outs"
+    assert (run_dir / "report" / "curves.png").is_file()
+
+
+def test_cli_kernel_size_sweep_writes_jobs_and_summary(data_dir: Path, tmp_path: Path) -> None:
+    overrides = [o for o in quick_overrides(data_dir, tmp_path) if not o.startswith("paths.output")]
+    done = run_cli("-m", "model.kernel_size=1,3", *overrides, "paths.output_root=outs", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (sweep_dir,) = (tmp_path / "outs" / "multiruns").iterdir()
+    assert (sweep_dir / "0" / "results.json").is_file() and (sweep_dir / "1" / "results.json").is_file()
+    rows = list(csv.DictReader(open(sweep_dir / "summary.csv")))
+    assert sorted(r["overrides"].split()[0] for r in rows) == ["model.kernel_size=1", "model.kernel_size=3"]
+    assert all(r["status"] == "ok" for r in rows)
+    accs = [float(r["val_acc_best"]) for r in rows]
+    assert accs == sorted(accs, reverse=True)
+    assert {int(r["params"]) for r in rows} == {32 + 32 + 802_944 + 1290, 804_554}
+    table = (sweep_dir / "summary.md").read_text()
+    assert "| job | overrides | status | val_acc_best | test_acc | params | wall_time_s | error |" in table
+
+
+def test_sweep_records_a_failed_job_and_runs_the_rest(data_dir: Path, tmp_path: Path) -> None:
+    overrides = [o for o in quick_overrides(data_dir, tmp_path) if not o.startswith("paths.output")]
+    done = run_cli("-m", "model.kernel_size=0,3", *overrides, "paths.output_root=outs", cwd=tmp_path)
+    assert done.returncode != 0
+    assert "model.kernel_size must be a positive integer, got 0" in done.stderr
+    (sweep_dir,) = (tmp_path / "outs" / "multiruns").iterdir()
+    rows = {r["overrides"].split()[0]: r for r in csv.DictReader(open(sweep_dir / "summary.csv"))}
+    assert rows["model.kernel_size=0"]["status"] == "failed"
+    assert "model.kernel_size must be a positive integer, got 0" in rows["model.kernel_size=0"]["error"]
+    assert rows["model.kernel_size=3"]["status"] == "ok"
+    assert not (sweep_dir / "0" / "results.json").exists()
+
+
+def test_sweep_preset_selects_the_kernel_sizes() -> None:
+    cfg = compose_train("sweep=kernel_size", hydra_node=True)
+    assert cfg.hydra.sweeper.params["model.kernel_size"] == "1,3,5,7"
+    assert cfg.hydra.mode == "MULTIRUN"
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["trainer.accelerator=gpu"], "error: trainer.accelerator=gpu but this machine has no usable CUDA GPU"),
+    (["model=resnet"], "Could not find 'model/resnet'"),
+    (["trainer=tpu"], "Could not find 'trainer/tpu'"),
+    (["experiment=nope"], "Could not find 'experiment/nope'"),
+    (["model.kernel_size=-1"], "error: model.kernel_size must be a positive integer, got -1"),
+    (["model.kernel_size=three"], "error: model.kernel_size must be a positive integer, got 'three'"),
+    (["data.batch_size=0"], "error: data.batch_size must be a positive integer, got 0"),
+    (["data.val_split=-5"], "error: data.val_split must be 0 (validate on the test set)"),
+    (["no_such_key=1"], "Could not override 'no_such_key'"),
+])
+def test_cli_bad_input_is_one_clear_error(args: list[str], message: str, data_dir: Path, tmp_path: Path) -> None:
+    done = run_cli(f"paths.data_dir={data_dir}", "paths.output_root=outs", *args, cwd=tmp_path)
+    assert done.returncode != 0
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not list(tmp_path.glob("outs/runs/*/results.json"))
+
+
+def test_help_lists_groups_and_options(tmp_path: Path) -> None:
+    done = run_cli("--help", cwd=tmp_path)
+    assert done.returncode == 0
+    for line in ("model: cnn, dense", "trainer: cpu, ddp, ddp_cpu, default, gpu", "experiment: seed_cnn, seed_dense"):
+        assert line in done.stdout
