@@ -255,7 +255,7 @@ class FashionMNISTDataModule(L.LightningDataModule):
         images, labels = load_split(hp.data_dir, train=True)
         self.test_set = load_split(hp.data_dir, train=False)
         order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(hp.seed))
-        val_idx, train_idx = order[: self.num_val], order[self.num_val :]
+        val_idx, train_idx = order[: self.num_val].sort().values, order[self.num_val :].sort().values
         self.train_set = (images[train_idx], labels[train_idx])
         self.val_set = (images[val_idx], labels[val_idx]) if self.num_val else self.test_set
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+from hydra.types import RunMode
 from hydra.utils import instantiate
 
 from conftest import compose_train, quick_overrides
@@ -127,7 +128,7 @@ def test_sweep_records_a_failed_job_and_runs_the_rest(data_dir: Path, tmp_path: 
 def test_sweep_preset_selects_the_kernel_sizes() -> None:
     cfg = compose_train("sweep=kernel_size", hydra_node=True)
     assert cfg.hydra.sweeper.params["model.kernel_size"] == "1,3,5,7"
-    assert cfg.hydra.mode == "MULTIRUN"
+    assert cfg.hydra.mode == RunMode.MULTIRUN
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -1,0 +1,29 @@
+"""A non-editable install ships the configs and works from any directory."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).parents[1]
+
+
+def test_wheel_installs_with_configs_and_runs_from_anywhere(tmp_path: Path) -> None:
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path / "dist"), str(ROOT)], check=True, capture_output=True)
+    (wheel,) = (tmp_path / "dist").glob("fashion_lightning-*.whl")
+    venv.create(tmp_path / "venv", system_site_packages=True, with_pip=False)
+    python = str(tmp_path / "venv" / "bin" / "python")
+    subprocess.run([python, "-m", "pip", "install", "--no-deps", "-q", str(wheel)], check=True, capture_output=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    probe = "import fashion_lightning.train as t, fashion_lightning as f; print(t.CONFIG_DIR); print(f.__file__)"
+    lines = subprocess.run([python, "-c", probe], cwd=elsewhere, check=True, capture_output=True,
+                           text=True).stdout.split()
+    assert all(str(tmp_path / "venv") in line for line in lines), lines
+    assert (Path(lines[0]) / "experiment" / "seed_cnn.yaml").is_file()
+    job = subprocess.run([python, "-m", "fashion_lightning.train", "experiment=seed_dense", "--cfg", "job"],
+                         cwd=elsewhere, check=True, capture_output=True, text=True).stdout
+    assert "_target_: fashion_lightning.DenseBaseline" in job and "max_epochs: 10" in job
