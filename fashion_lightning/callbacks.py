@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -54,3 +55,21 @@ class SaveOnInterrupt(Callback):
         self._restore_handlers()
         if trainer.global_step > 0:
             trainer.save_checkpoint(self.ckpt_path)
+
+
+class EpochTimer(Callback):
+    """Wall time of each training epoch's steps (validation excluded): ``times``, logged as ``train/epoch_time_s``."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._start = self._last = 0.0
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = self._last = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        self._last = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.times.append(self._last - self._start)
+        pl_module.log("train/epoch_time_s", self.times[-1])

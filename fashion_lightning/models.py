@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fashion_lightning.errors import check_positive_int
@@ -30,12 +31,71 @@ class DenseNet(nn.Module):
         return self.out(self.flatten(h))
 
 
+def _patches(x: Tensor, k: int) -> Tensor:
+    """Im2col for a 'same' k x k conv followed by a 2x2 pool: (N, 1, 28, 28) -> (k*k + 1, 4 * N * 196).
+
+    Column ``w * N * 196 + n * 196 + p`` holds the k*k patch under pooled position ``p`` of image ``n`` at
+    window offset ``w`` (row-major in the 2x2 window), plus a row of ones that carries the bias.
+    """
+    n, before = x.shape[0], (k - 1) // 2
+    padded = F.pad(x.reshape(n, 28, 28), (before, k - 1 - before, before, k - 1 - before))
+    width, stride_n = padded.shape[-1], padded.stride(0)
+    # dims (di, dj, a, b, n, i, j): pixel (2i + a + di, 2j + b + dj) of image n
+    view = padded.as_strided((k, k, 2, 2, n, 14, 14), (width, 1, width, 1, stride_n, 2 * width, 2))
+    cols = x.new_empty(k * k + 1, 4, n, 196)
+    cols[: k * k].view(k, k, 2, 2, n, 14, 14).copy_(view)
+    cols[k * k] = 1.0
+    return cols.view(k * k + 1, 4 * n * 196)
+
+
+class ConvPoolReLU(torch.autograd.Function):
+    """relu(max_pool2d(conv2d(x, weight, bias, padding='same'), 2)), flattened, for single-channel 28x28 input.
+
+    The same function and the same gradients as the three PyTorch ops (max-pool routes each window's
+    gradient to its first maximum in row-major order, ReLU passes none at 0), computed as two GEMMs over
+    im2col patches with element-wise maxima: on a CPU this skips the slow ``max_pool2d_with_indices`` and
+    ``convolution_backward`` kernels and the full-size ReLU passes. Returns (N, filters * 196) in
+    channel-major order, as ``Flatten`` of (N, filters, 14, 14).
+    """
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu", cast_inputs=torch.float32)  # under bf16 autocast it stays fp32
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        c, k, n = weight.shape[0], weight.shape[-1], x.shape[0]
+        cols = _patches(x, k)
+        out = (torch.cat([weight.reshape(c, k * k), bias.reshape(c, 1)], 1) @ cols).view(c, 4, n * 196)
+        o = out.unbind(1)
+        m01, m23 = torch.maximum(o[0], o[1]), torch.maximum(o[2], o[3])
+        pooled = torch.maximum(m01, m23)
+        ctx.save_for_backward(cols, out, pooled)
+        return pooled.clamp(min=0).view(c, n, 196).transpose(0, 1).reshape(n, c * 196)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cpu")
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[None, Tensor, Tensor]:
+        cols, out, pooled = ctx.saved_tensors
+        c, n = out.shape[0], out.shape[2] // 196
+        k = int(round((cols.shape[0] - 1) ** 0.5))
+        mask = torch.gt(pooled, 0, out=torch.empty_like(pooled))  # float 0/1: much faster here than bool masks
+        g = grad.view(n, c, 196).transpose(0, 1).reshape(c, n * 196).mul_(mask)
+        routed = torch.empty_like(out)
+        for w in range(4):  # the first window position holding the maximum takes the gradient
+            torch.mul(g, torch.eq(out[:, w], pooled, out=mask), out=routed[:, w])
+            if w < 3:
+                g = g - routed[:, w]  # exact: leaves g where the position lost, 0 where it took it
+        dw = routed.view(c, -1) @ cols.t()
+        return None, dw[:, :-1].reshape(c, 1, k, k), dw[:, -1].contiguous()
+
+
 class ConvNet(nn.Module):
     """The CNN: Conv2d(filters, k, 'same') + ReLU, MaxPool 2x2, flatten, Dense(hidden, relu), Dense(10).
 
     Any kernel size keeps the 28x28 map ('same' padding, asymmetric for even k exactly as in Keras), so the
-    flatten size is ``filters * 14 * 14`` (6272). 804,554 parameters with the defaults. The forward pass
-    max-pools before the ReLU: the two commute, and ReLU then touches a quarter of the elements.
+    flatten size is ``filters * 14 * 14`` (6272). 804,554 parameters with the defaults.
+
+    Training on a CPU runs conv, pool and ReLU as one `ConvPoolReLU` (same function and gradients, about
+    1.3x faster a step there); without gradients, or on a GPU, the standard modules run (max-pool first:
+    pool and ReLU commute, and ReLU then touches a quarter of the elements).
     """
 
     def __init__(self, filters: int = 32, kernel_size: int = 3, hidden: int = 128, num_classes: int = 10) -> None:
@@ -51,7 +111,10 @@ class ConvNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """(N, 1, 28, 28) images -> (N, num_classes) logits."""
-        h = self.flatten(self.pool(self.conv(x)).relu())
+        if torch.is_grad_enabled() and x.device.type == "cpu":
+            h = ConvPoolReLU.apply(x, self.conv.weight, self.conv.bias)
+        else:
+            h = self.flatten(self.pool(self.conv(x)).relu())
         return self.out(self.fc(h).relu())
 
 

@@ -109,6 +109,34 @@ def plot_curves(metrics_csv: Path, path: Path) -> None:
     fig.savefig(path)
 
 
+def plot_sweep(rows: list[dict[str, Any]], path: Path) -> bool:
+    """Validation and test accuracy against the swept value, when one numeric key was swept; True if drawn."""
+    points = []
+    for row in rows:
+        overrides = dict(o.split("=", 1) for o in row["overrides"].split() if "=" in o)
+        if row.get("val_acc_best") is not None:
+            points.append((overrides, row["val_acc_best"], row.get("test_acc")))
+    keys = {key for overrides, _, _ in points for key in overrides}
+    swept = [k for k in keys if len({o.get(k) for o, _, _ in points}) > 1]
+    if len(swept) != 1:
+        return False
+    try:
+        data = sorted((float(o[swept[0]]), val, test) for o, val, test in points)
+    except (KeyError, ValueError):
+        return False
+    fig = Figure(figsize=(7, 4.5), dpi=100)
+    ax = fig.subplots()
+    ax.plot([d[0] for d in data], [d[1] for d in data], marker="o", label="best validation accuracy")
+    ax.plot([d[0] for d in data], [d[2] for d in data], marker="s", label="test accuracy")
+    ax.set_xlabel(swept[0])
+    ax.set_ylabel("accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    return True
+
+
 def write_report(model: ImageClassifier, datamodule: FashionMNISTDataModule, out_dir: str | Path,
                  metrics_csv: str | Path | None = None) -> dict[str, Any]:
     """Evaluate ``model`` on the test set and write ``out_dir``: report.md, report.json and the PNGs."""

@@ -12,6 +12,8 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from fashion_lightning.report import plot_sweep
+
 COLUMNS = ("job", "overrides", "status", "val_acc_best", "test_acc", "params", "wall_time_s", "error")
 
 
@@ -63,5 +65,7 @@ def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
 
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(cell(row.get(c)) for c in COLUMNS) + " |" for row in rows]
+    if plot_sweep(rows, sweep_dir / "summary.png"):
+        lines += ["", "![accuracy against the swept value](summary.png)"]
     (sweep_dir / "summary.md").write_text(f"# Sweep {sweep_dir.name}\n\n" + "\n".join(lines) + "\n")
     return rows

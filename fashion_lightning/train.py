@@ -15,6 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from fashion_lightning.callbacks import EpochTimer
 from fashion_lightning.errors import UserError, reported_as_one_line
 from fashion_lightning.module import ImageClassifier, check_compatible, read_checkpoint
 
@@ -85,6 +86,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     test_ckpt = best if cfg.test_ckpt == "best" and best else None
     (test_metrics,) = trainer.test(model, datamodule=datamodule, ckpt_path=test_ckpt, verbose=False)
 
+    timer = next((c for c in trainer.callbacks if isinstance(c, EpochTimer)), None)
     results = {
         **fit_metrics,
         "test_acc": test_metrics["test/acc"],
@@ -93,6 +95,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "epochs": trainer.current_epoch,
         "steps": trainer.global_step,
         "wall_time_s": round(time.perf_counter() - start, 2),
+        "epoch_time_s": [round(t, 3) for t in timer.times] if timer else [],
         "params": sum(p.numel() for p in model.net.parameters()),
         "model": cfg.model._target_,
         "seed": cfg.seed,

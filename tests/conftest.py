@@ -75,3 +75,14 @@ def compose_train(*overrides: str, hydra_node: bool = False) -> DictConfig:
     """The composed ``train`` config, as the Hydra app would see it (with the hydra node if asked)."""
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return compose("train", overrides=list(overrides), return_hydra_config=hydra_node)
+
+
+@pytest.fixture(scope="session")
+def trained_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run directory of a CNN trained briefly on the synthetic data, with its report."""
+    from fashion_lightning.train import train
+
+    out = tmp_path_factory.mktemp("trained") / "run"
+    overrides = [o for o in quick_overrides(data_dir, out) if o != "report=false"]
+    train(compose_train(*overrides, "+trainer.limit_test_batches=2"))
+    return out

@@ -55,21 +55,34 @@ def test_same_padding_matches_keras_for_even_and_odd_kernels(k: int) -> None:
     assert torch.allclose(net.conv(x), expected, atol=1e-6)
 
 
-def test_cnn_forward_and_gradients_match_the_tutorial_formulation() -> None:
-    torch.manual_seed(0)
-    net = keras_init_(ConvNet())  # zero conv biases make exact zeros (ReLU ties) common in the background
-    x = torch.rand(64, 1, 28, 28) * (torch.rand(64, 1, 28, 28) > 0.5)
-    y = torch.randint(0, 10, (64,))
-    grads = []
+def tie_heavy_images(n: int) -> torch.Tensor:
+    """Images with black background and saturated blocks: many windows whose maxima tie exactly."""
+    x = torch.rand(n, 1, 28, 28) * (torch.rand(n, 1, 28, 28) > 0.5)
+    x[:, :, 4:12, 4:20] = 1.0
+    x[:, :, 20:, :] = 0.0
+    return x
+
+
+@pytest.mark.parametrize("k", range(1, 8))
+@pytest.mark.parametrize("keras", [True, False])
+def test_fused_cnn_matches_the_tutorial_formulation(k: int, keras: bool) -> None:
+    torch.manual_seed(k)
+    net = ConvNet(kernel_size=k)
+    if keras:
+        keras_init_(net)  # zero conv biases: exact zeros (ReLU ties) wherever a patch is black
+    x, y = tie_heavy_images(48), torch.randint(0, 10, (48,))
+    results = []
     for forward in (net, lambda inputs: reference_cnn(net, inputs)):
         net.zero_grad()
         logits = forward(x)
         F.cross_entropy(logits, y).backward()
-        grads.append((logits.detach(), [p.grad.clone() for p in net.parameters()]))
-    (out_fast, g_fast), (out_ref, g_ref) = grads
-    assert torch.allclose(out_fast, out_ref, atol=1e-6)
+        results.append((logits.detach(), [p.grad.clone() for p in net.parameters()]))
+    (out_fast, g_fast), (out_ref, g_ref) = results
+    assert torch.allclose(out_fast, out_ref, atol=1e-5)
     for a, b in zip(g_fast, g_ref, strict=True):
-        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():  # inference runs the standard modules, with the same result
+        assert torch.allclose(net(x), out_ref, atol=1e-5)
 
 
 def test_keras_init_gives_zero_biases_and_glorot_bounds() -> None:

@@ -1,0 +1,61 @@
+"""python -m fashion_lightning.export: ONNX and TorchScript files with softmax outputs, verified against PyTorch."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fashion_lightning import FashionMNISTDataModule
+from fashion_lightning.module import load_model
+
+
+def export(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fashion_lightning.export", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_export_round_trip(fmt: str, trained_run: Path, data_dir: Path, tmp_path: Path) -> None:
+    ckpt = trained_run / "checkpoints" / "best.ckpt"
+    out = tmp_path / f"model.{'onnx' if fmt == 'onnx' else 'pt'}"
+    done = export(f"ckpt_path={ckpt}", f"format={fmt}", f"output={out}", f"paths.data_dir={data_dir}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "probabilities match PyTorch within" in done.stdout
+    info = json.loads(out.with_suffix(out.suffix + ".json").read_text())
+    assert info["max_abs_difference_vs_pytorch"] <= 1e-5 and info["classes"][0] == "T-shirt/top"
+
+    dm = FashionMNISTDataModule(data_dir=str(data_dir), download=False)
+    dm.setup()
+    x = dm.test_set[0][:64].unsqueeze(1).float() / 255
+    if fmt == "onnx":
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        probs = torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
+    else:
+        probs = torch.jit.load(str(out))(x)
+    with torch.no_grad():
+        expected = load_model(ckpt)(x).softmax(1)
+    assert probs.shape == (64, 10) and torch.allclose(probs.sum(1), torch.ones(64), atol=1e-5)
+    assert torch.allclose(probs, expected, atol=1e-5)
+
+
+def test_export_default_goes_into_the_run_directory(trained_run: Path, data_dir: Path, tmp_path: Path) -> None:
+    done = export(f"ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}", "format=torchscript",
+                  f"paths.data_dir={data_dir}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert (trained_run / "export" / "model.pt").is_file()
+
+
+@pytest.mark.parametrize(("args", "message"), [(["format=tflite"], "format must be one of onnx, torchscript"),
+                                               (["ckpt_path=nope.ckpt"], "does not exist"), ([], "ckpt_path is required")])
+def test_export_bad_input(args: list[str], message: str, trained_run: Path, tmp_path: Path) -> None:
+    ckpt = [f"ckpt_path={trained_run / 'checkpoints' / 'best.ckpt'}"] if not any("ckpt" in a for a in args) else []
+    done = export(*(ckpt if args != [] else []), *args, cwd=tmp_path)
+    assert done.returncode == 1 and message in done.stderr and "Traceback" not in done.stderr
+    assert not list(tmp_path.glob("**/*.onnx"))

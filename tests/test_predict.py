@@ -1,0 +1,114 @@
+"""python -m fashion_lightning.predict: image files of any kind, test-set items, bad inputs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import synthetic_split
+from fashion_lightning import UserError
+from fashion_lightning.predict import parse_test_items, to_fashion_mnist
+
+
+def run_predict(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fashion_lightning.predict", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=300)
+
+
+def class_image(label: int) -> np.ndarray:
+    """A clean 28x28 light-on-dark image of a synthetic class."""
+    images, labels = synthetic_split(200, seed=5)
+    return images[labels == label][0]
+
+
+def smooth_item() -> np.ndarray:
+    """A 28x28 light-on-dark object with soft edges, filling the frame like a Fashion-MNIST item."""
+    yy, xx = np.mgrid[:28, :28]
+    body = np.clip(1.2 - ((yy - 13.5) / 14) ** 2 - ((xx - 13.5) / 9) ** 2, 0, 1) * 230
+    body[10:18, 12:16] *= 0.3  # a darker detail
+    return body.astype(np.uint8)
+
+
+def save_variants(folder: Path) -> list[str]:
+    """One item saved three ways: light-on-dark PNG, a dark-on-light 'photo' JPEG, an odd-sized RGB PNG."""
+    image = smooth_item()
+    Image.fromarray(image).save(folder / "light_on_dark.png")
+    big = Image.fromarray(255 - image).resize((150, 150), Image.BILINEAR)
+    canvas = Image.new("L", (230, 190), 255)
+    canvas.paste(big, (40, 20))
+    canvas.convert("RGB").save(folder / "photo.jpg", quality=95)
+    Image.fromarray(np.stack([image] * 3, axis=-1)).resize((61, 61), Image.BILINEAR).save(folder / "rgb_odd.png")
+    return ["light_on_dark.png", "photo.jpg", "rgb_odd.png"]
+
+
+def test_every_form_of_an_image_converts_alike(tmp_path: Path) -> None:
+    converted = [to_fashion_mnist(Image.open(tmp_path / name)).float() for name in save_variants(tmp_path)]
+    for other in converted[1:]:
+        assert (other - converted[0]).abs().mean() < 8  # JPEG and resampling noise only (of 255)
+
+
+def test_conversion_gives_light_on_dark_28x28() -> None:
+    yy, xx = np.mgrid[:120, :160]
+    disk = ((yy - 60) ** 2 + (xx - 90) ** 2 < 40**2)
+    photo = Image.fromarray(np.where(disk, 30, 240).astype(np.uint8)).convert("RGB")  # dark disk on white, off-centre
+    x = to_fashion_mnist(photo)
+    assert x.shape == (28, 28) and x.dtype == torch.uint8
+    corners = torch.stack([x[0, 0], x[0, -1], x[-1, 0], x[-1, -1]]).float()
+    assert corners.max() < 40 and x[14, 14] > 200 and x[14, 0] > 100  # the disk fills the frame, light on dark
+    assert to_fashion_mnist(photo, "never")[14, 14] < 40  # forced: left as it was, a dark object
+    with pytest.raises(UserError, match="invert must be one of auto, always, never, got 'maybe'"):
+        to_fashion_mnist(photo, "maybe")
+
+
+def test_test_index_specs() -> None:
+    assert parse_test_items("test:7") == [7] and parse_test_items("test:0-3") == [0, 1, 2, 3]
+    for bad in ("test:x", "test:5-2", "test:10000"):
+        with pytest.raises(UserError, match="use test:N or test:A-B"):
+            parse_test_items(bad)
+
+
+def test_predicts_files_and_test_items(trained_run: Path, data_dir: Path, tmp_path: Path) -> None:
+    files = save_variants(tmp_path)
+    ckpt = trained_run / "checkpoints" / "best.ckpt"
+    done = run_predict(f"ckpt_path={ckpt}", f"inputs=[{','.join(files)},test:0-3]", "format=json",
+                       f"paths.data_dir={data_dir}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    results = json.loads(done.stdout)
+    assert [r["input"] for r in results] == [*files, "test:0", "test:1", "test:2", "test:3"]
+    for r in results:
+        assert len(r["top"]) == 3 and r["top"][0]["class"] == r["prediction"]
+        assert r["top"][0]["probability"] >= r["top"][1]["probability"] >= r["top"][2]["probability"]
+    assert len({r["prediction"] for r in results[:3]}) == 1  # the same image in any form, the same answer
+    assert all(r["prediction"] == r["label"] for r in results[3:])
+    table = run_predict(f"ckpt_path={ckpt}", "inputs=[light_on_dark.png]", cwd=tmp_path)
+    assert table.returncode == 0 and "light_on_dark.png" in table.stdout and "prediction" in table.stdout
+
+
+def test_bad_inputs_reported_each_and_the_rest_predicted(trained_run: Path, tmp_path: Path) -> None:
+    Image.fromarray(class_image(3)).save(tmp_path / "good.png")
+    (tmp_path / "notes.png").write_text("not an image")
+    good = (tmp_path / "good.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(good[: len(good) // 2])
+    done = run_predict(f"ckpt_path={trained_run / 'checkpoints' / 'best.ckpt'}",
+                       "inputs=[missing.png,notes.png,cut.png,good.png]", "format=json", cwd=tmp_path)
+    assert done.returncode == 1
+    results = {r["input"]: r for r in json.loads(done.stdout)}
+    assert results["missing.png"]["error"] == "no such file"
+    assert results["notes.png"]["error"].startswith("not an image")
+    assert results["cut.png"]["error"].startswith("corrupt image")
+    assert "prediction" in results["good.png"]
+
+
+@pytest.mark.parametrize(("ckpt", "message"), [("missing.ckpt", "does not exist"),
+                                               ("junk.ckpt", "is not a readable checkpoint")])
+def test_bad_checkpoint_is_one_clear_error(ckpt: str, message: str, tmp_path: Path) -> None:
+    (tmp_path / "junk.ckpt").write_text("junk")
+    done = run_predict(f"ckpt_path={ckpt}", "inputs=[x.png]", cwd=tmp_path)
+    assert done.returncode == 1 and message in done.stderr and "Traceback" not in done.stderr
