@@ -72,4 +72,4 @@ class EpochTimer(Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.times.append(self._last - self._start)
-        pl_module.log("train/epoch_time_s", self.times[-1])
+        pl_module.log("train/epoch_time_s", self.times[-1], sync_dist=True)

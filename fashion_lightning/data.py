@@ -8,7 +8,7 @@ import os
 import shutil
 import struct
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 import lightning as L
 import torch
@@ -151,17 +151,20 @@ class BatchLoader:
     Yields ``(images, labels)``: float32 ``(B, 1, 28, 28)`` (divided by 255 when ``scale``) and int64
     ``(B,)`` on the tensors' device. With ``shuffle``, every epoch has its own seeded order; with
     ``world_size > 1`` each rank reads its share (training shares are padded to equal length, like
-    ``DistributedSampler``; evaluation shares are not, so every item is counted once). It is resumable
+    ``DistributedSampler``; evaluation shares are not, so every item is counted once). The order is a
+    function of (seed, epoch), the epoch taken from ``epoch_of`` (the trainer's) when given; it is resumable
     mid-epoch: Lightning saves ``state_dict()`` in checkpoints and restores it before iterating.
     """
 
     def __init__(self, images: Tensor, labels: Tensor, batch_size: int, *, shuffle: bool = False, seed: int = 0,
-                 scale: bool = True, rank: int = 0, world_size: int = 1) -> None:
+                 scale: bool = True, rank: int = 0, world_size: int = 1,
+                 epoch_of: Callable[[], int] | None = None) -> None:
         self.images, self.labels = images, labels
         self.batch_size, self.shuffle, self.seed, self.scale = batch_size, shuffle, seed, scale
         self.rank, self.world_size = rank, world_size
+        self.epoch_of = epoch_of  # where the epoch number comes from, e.g. the trainer's; else each pass is the next
         self.epoch, self.position = -1, 0  # epoch being read and batches handed out in it
-        self._resume: tuple[int, int] | None = None
+        self._resume: dict[str, int] | None = None
 
     def _indices(self, epoch: int) -> Tensor:
         n = len(self.labels)
@@ -178,10 +181,9 @@ class BatchLoader:
         return math.ceil(per_rank / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        epoch, start = self._resume or (self.epoch + 1, 0)
-        self._resume = None
-        if start >= len(self):
-            epoch, start = epoch + 1, 0
+        epoch = self.epoch + 1 if self.epoch_of is None else self.epoch_of()
+        resume, self._resume = self._resume, None
+        start = resume["position"] if resume and resume["epoch"] == epoch else 0
         self.epoch, self.position = epoch, start
         indices = self._indices(epoch).to(self.images.device)
         for begin in range(start * self.batch_size, len(indices), self.batch_size):
@@ -195,8 +197,8 @@ class BatchLoader:
         return {"epoch": self.epoch, "position": self.position}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        """Continue from a `state_dict` at the next iteration."""
-        self._resume = (state["epoch"], state["position"])
+        """Continue from a `state_dict` when the next iteration reads the same epoch."""
+        self._resume = dict(state)
 
 
 class FashionMNISTDataModule(L.LightningDataModule):
@@ -272,7 +274,8 @@ class FashionMNISTDataModule(L.LightningDataModule):
             train = split == "train"
             self._loaders[key] = BatchLoader(
                 images, labels, hp.batch_size if train else hp.eval_batch_size, shuffle=train, seed=hp.seed,
-                scale=hp.scale, rank=rank, world_size=world)
+                scale=hp.scale, rank=rank, world_size=world,
+                epoch_of=(lambda: trainer.current_epoch) if train and trainer is not None else None)
         return self._loaders[key]
 
     def train_dataloader(self) -> BatchLoader:

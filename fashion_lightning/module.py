@@ -84,7 +84,9 @@ class ImageClassifier(L.LightningModule):
     def _log_epoch(self, split: str) -> Tensor:
         acc, loss = getattr(self, f"{split}_acc"), getattr(self, f"{split}_loss")
         value = acc.compute()
-        self.log_dict({f"{split}/acc": value, f"{split}/loss": loss.compute()}, prog_bar=split != "test")
+        # values computed by torchmetrics are already reduced across ranks; sync_dist only averages equal copies
+        self.log_dict({f"{split}/acc": value, f"{split}/loss": loss.compute()}, prog_bar=split != "test",
+                      sync_dist=True)
         acc.reset()
         loss.reset()
         return value
@@ -107,7 +109,7 @@ class ImageClassifier(L.LightningModule):
         acc = self._log_epoch("val")
         if not self.trainer.sanity_checking:
             self.val_acc_best.update(acc)
-            self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
+            self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True, sync_dist=True)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._update(batch, "test")

@@ -109,6 +109,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
             write_report(model, datamodule, run_dir / "report", metrics_csv=run_dir / METRICS_CSV)
         write_json(run_dir / "results.json", results)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        trainer.strategy.barrier("results written")  # no rank exits while rank 0 still writes
+        torch.distributed.destroy_process_group()
     return results
 
 

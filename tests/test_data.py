@@ -217,7 +217,16 @@ def test_loader_resumes_mid_epoch() -> None:
     it = iter(loader)
     head = [next(it)[1] for _ in range(4)]
     state = loader.state_dict()
-    resumed = make_loader(shuffle=True)
+    resumed = make_loader(shuffle=True, epoch_of=lambda: 1)  # the trainer's restored epoch
     resumed.load_state_dict(state)
     rest = [y for _, y in resumed]
     assert all(torch.equal(a, b) for a, b in zip(head + rest, expected, strict=True))
+
+
+def test_loader_follows_the_trainers_epoch() -> None:
+    loader = make_loader(shuffle=True, epoch_of=lambda: 4)
+    fourth = torch.cat([y for _, y in loader])
+    reference = make_loader(shuffle=True)
+    for _ in range(4):
+        list(reference)
+    assert torch.equal(fourth, torch.cat([y for _, y in reference]))

@@ -1,0 +1,120 @@
+"""Nothing lost, exact reruns, DDP under Hydra, sweeps that survive their failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+
+from conftest import compose_train, quick_overrides
+from fashion_lightning.module import load_model
+from fashion_lightning.report import predict_test_set
+from fashion_lightning.train import train
+from fashion_lightning import FashionMNISTDataModule
+
+
+class SignalAt(L.Callback):
+    """Sends a real signal to this process (or raises) when training reaches ``step``: an interruption at a known step."""
+
+    def __init__(self, step: int, signum: int = 0) -> None:
+        self.step, self.signum = step, signum
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.global_step == self.step:
+            if self.signum:
+                os.kill(os.getpid(), self.signum)  # lands mid-step, as a Ctrl-C would
+            else:
+                raise RuntimeError("simulated crash")
+
+
+def run_overrides(data_dir: Path, out: Path, *extra: str) -> list[str]:
+    base = [o for o in quick_overrides(data_dir, out) if "limit_train_batches" not in o and "max_epochs" not in o]
+    return [*base, "trainer.max_epochs=2", "+trainer.limit_train_batches=8", "trainer.deterministic=true",
+            "test_ckpt=last", "seed=3", *extra]
+
+
+def final_weights(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+
+
+def same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def reference(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    out = tmp_path_factory.mktemp("reference") / "run"
+    return train(compose_train(*run_overrides(data_dir, out))), out
+
+
+def test_two_seeded_deterministic_runs_are_identical(reference: tuple[dict, Path], data_dir: Path,
+                                                     tmp_path: Path) -> None:
+    results, run = reference
+    again = train(compose_train(*run_overrides(data_dir, tmp_path / "again")))
+    keys = ("test_acc", "test_loss", "val_acc", "val_loss", "train_acc", "train_loss", "steps")
+    assert {k: again[k] for k in keys} == {k: results[k] for k in keys}
+    assert same_weights(final_weights(tmp_path / "again"), final_weights(run))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_then_resumed_run_equals_the_uninterrupted_one(signum: int, reference: tuple[dict, Path],
+                                                                   data_dir: Path, tmp_path: Path) -> None:
+    results, run = reference
+    stopped = tmp_path / "stopped"
+    callback = [f"+callbacks.signal._target_={__name__}.SignalAt", "+callbacks.signal.step=11",
+                f"+callbacks.signal.signum={int(signum)}"]
+    with pytest.raises(SystemExit) as info:  # Lightning ends an interrupted fit with exit code 1
+        train(compose_train(*run_overrides(data_dir, stopped), *callback))
+    assert info.value.code == 1
+    assert (stopped / "checkpoints" / "interrupted.ckpt").is_file()
+    assert not (stopped / "results.json").exists()  # the run says it is incomplete
+    interrupted = torch.load(stopped / "checkpoints" / "interrupted.ckpt", map_location="cpu", weights_only=False)
+    assert interrupted["global_step"] == 12  # it stopped at the end of the step the signal hit
+
+    resumed = train(compose_train(*run_overrides(data_dir, tmp_path / "resumed"),
+                                  f"ckpt_path={stopped / 'checkpoints' / 'interrupted.ckpt'}"))
+    keys = ("test_acc", "test_loss", "val_acc", "val_loss", "train_acc", "train_loss", "steps", "epochs")
+    assert {k: resumed[k] for k in keys} == {k: results[k] for k in keys}
+    assert same_weights(final_weights(tmp_path / "resumed"), final_weights(run))
+
+
+def test_ckpt_path_last_resumes_the_newest_run(reference: tuple[dict, Path], data_dir: Path, tmp_path: Path) -> None:
+    results, _ = reference
+    stopped = tmp_path / "runs" / "stopped"
+    with pytest.raises(SystemExit):
+        train(compose_train(*run_overrides(data_dir, stopped), f"+callbacks.signal._target_={__name__}.SignalAt",
+                            "+callbacks.signal.step=5", f"+callbacks.signal.signum={int(signal.SIGINT)}"))
+    resumed = train(compose_train(*run_overrides(data_dir, tmp_path / "runs" / "resumed"), "ckpt_path=last"))
+    assert resumed["resumed_from"] == str(stopped / "checkpoints" / "interrupted.ckpt")
+    assert resumed["test_acc"] == results["test_acc"] and resumed["steps"] == results["steps"]
+
+
+def test_a_crash_mid_epoch_leaves_a_checkpoint(data_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(compose_train(*run_overrides(data_dir, tmp_path / "crash"),
+                            f"+callbacks.signal._target_={__name__}.SignalAt", "+callbacks.signal.step=6"))
+    assert (tmp_path / "crash" / "checkpoints" / "interrupted.ckpt").is_file()
+    assert not (tmp_path / "crash" / "results.json").exists()
+
+
+def test_ddp_on_cpu_under_hydra(data_dir: Path, tmp_path: Path) -> None:
+    overrides = [o for o in quick_overrides(data_dir, tmp_path) if not o.startswith(("paths.output", "trainer=", "report"))]
+    done = subprocess.run([sys.executable, "-m", "fashion_lightning.train", "trainer=ddp_cpu", "trainer.devices=2",
+                           *overrides, "paths.output_root=outs", "report=true"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run,) = (tmp_path / "outs" / "runs").iterdir()  # one run directory, not one per rank
+    results = json.loads((run / "results.json").read_text())
+    assert (run / "report" / "report.md").is_file()
+    model = load_model(run / "checkpoints" / "best.ckpt")
+    probs, _, labels = predict_test_set(model, FashionMNISTDataModule(data_dir=str(data_dir), download=False))
+    single = (probs.argmax(1) == labels).float().mean().item()
+    assert results["test_acc"] == pytest.approx(single, abs=1e-6)  # all 10,000 counted once across the ranks
