@@ -1,5 +1,6 @@
 """The one exception type for user mistakes: bad arguments, bad files, missing data."""
 
+import errno
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,14 +25,24 @@ def check_positive_int(name: str, value: object) -> int:
     return value
 
 
+DISK_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM}
+
+
 @contextmanager
 def reported_as_one_line() -> Iterator[None]:
     """In a command-line app, print a `UserError` (raised directly or inside a Hydra instantiation) as one
-    ``error: ...`` line on stderr and exit with code 1. In a multirun the error is re-raised instead, so the
-    sweep records it and goes on with the next job. Any other exception (a bug) keeps its traceback.
+    ``error: ...`` line on stderr and exit with code 1; a full or read-only disk is reported the same way.
+    In a multirun the error is re-raised instead, so the sweep records it and goes on with the next job.
+    Any other exception (a bug) keeps its traceback.
     """
     try:
-        yield
+        try:
+            yield
+        except OSError as err:
+            if err.errno not in DISK_ERRORS:
+                raise
+            raise UserError(f"cannot write {err.filename or 'a file'}: {err.strerror} "
+                            "(a full or read-only disk?); free space or choose another paths.output_root") from err
     except (UserError, InstantiationException) as err:
         cause = err if isinstance(err, UserError) else err.__cause__
         if not isinstance(cause, UserError) or (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN):

@@ -52,8 +52,11 @@ def resolve_ckpt_path(ckpt_path: str | None, output_root: str | os.PathLike, run
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Write JSON atomically: readers see the old file or the whole new one, never half of it."""
     partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(data, indent=2) + "\n")
-    partial.replace(path)
+    try:
+        partial.write_text(json.dumps(data, indent=2) + "\n")
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def _overrides() -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 from conftest import compose_train, quick_overrides
+from fashion_lightning.errors import reported_as_one_line
 from fashion_lightning.module import load_model
 from fashion_lightning.report import predict_test_set
 from fashion_lightning.train import train
@@ -118,3 +120,31 @@ def test_ddp_on_cpu_under_hydra(data_dir: Path, tmp_path: Path) -> None:
     probs, _, labels = predict_test_set(model, FashionMNISTDataModule(data_dir=str(data_dir), download=False))
     single = (probs.argmax(1) == labels).float().mean().item()
     assert results["test_acc"] == pytest.approx(single, abs=1e-6)  # all 10,000 counted once across the ranks
+
+
+def test_environment_variable_pointing_nowhere_via_the_cli(tmp_path: Path) -> None:
+    env = {**os.environ, "FASHION_MNIST_DIR": str(tmp_path / "nowhere")}
+    done = subprocess.run([sys.executable, "-m", "fashion_lightning.train", f"paths.data_dir={tmp_path / 'data'}",
+                           "paths.output_root=outs"], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 1
+    assert "$FASHION_MNIST_DIR=" in done.stderr and "lacks the Fashion-MNIST files" in done.stderr
+    assert "Traceback" not in done.stderr and not list(tmp_path.glob("outs/runs/*/results.json"))
+
+
+def test_a_full_disk_is_one_clear_error_and_no_result(data_dir: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    real_write = Path.write_text
+
+    def full_disk(self: Path, *args: Any, **kwargs: Any) -> int:
+        if self.name == "results.json.partial":
+            real_write(self, "{\"half\": ")
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return real_write(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as info, reported_as_one_line():
+        train(compose_train(*quick_overrides(data_dir, out)))
+    assert info.value.code == 1
+    assert "No space left on device (a full or read-only disk?)" in capsys.readouterr().err
+    assert not (out / "results.json").exists() and not (out / "results.json.partial").exists()

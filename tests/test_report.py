@@ -9,7 +9,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from fashion_lightning.sweep import write_summary
+from fashion_lightning.hydra_callbacks import write_summary
 
 
 def check_png(path: Path, min_size: tuple[int, int]) -> None:

@@ -141,8 +141,19 @@ def test_sweep_preset_selects_the_kernel_sizes() -> None:
     (["data.batch_size=0"], "error: data.batch_size must be a positive integer, got 0"),
     (["data.val_split=-5"], "error: data.val_split must be 0 (validate on the test set)"),
     (["no_such_key=1"], "Could not override 'no_such_key'"),
+    (["model.filters=0"], "error: model.filters must be a positive integer, got 0"),
+    (["model.hidden=0"], "error: model.hidden must be a positive integer, got 0"),
+    (["model=dense", "model.hidden1=-4"], "error: model.hidden1 must be a positive integer, got -4"),
+    (["data.val_split=60000"], "error: data.val_split must be 0 (validate on the test set)"),
+    (["data.batch_size=-8"], "error: data.batch_size must be a positive integer, got -8"),
+    (["ckpt_path=missing.ckpt"], "error: ckpt_path='missing.ckpt' does not exist"),
+    (["ckpt_path=last"], "error: ckpt_path=last but no checkpoint exists under 'outs'"),
+    (["paths.output_root=blocker/outs"], "error: paths.output_root='blocker/outs' is not writable"),
+    (["paths.data_dir=blocker/data"], "is not writable"),
+    (["test_ckpt=best_or_not"], "error: test_ckpt must be best or last, got 'best_or_not'"),
 ])
 def test_cli_bad_input_is_one_clear_error(args: list[str], message: str, data_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "blocker").write_text("a file where a folder should be")
     done = run_cli(f"paths.data_dir={data_dir}", "paths.output_root=outs", *args, cwd=tmp_path)
     assert done.returncode != 0
     assert message in done.stderr

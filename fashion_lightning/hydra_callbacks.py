@@ -1,9 +1,11 @@
-"""Hydra callback that keeps a summary of a multirun sweep at its root, failed jobs included."""
+"""Hydra callbacks of the training app: a writable output root checked up front, and the sweep summary."""
 
 from __future__ import annotations
 
 import csv
 import json
+import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,30 @@ from omegaconf import DictConfig, OmegaConf
 from fashion_lightning.report import plot_sweep
 
 COLUMNS = ("job", "overrides", "status", "val_acc_best", "test_acc", "params", "wall_time_s", "error")
+
+
+class CheckOutputRoot(Callback):
+    """Before any run directory is made: ``paths.output_root`` must be a writable folder, else one clear error."""
+
+    def _check(self, config: DictConfig) -> None:
+        root = Path(config.paths.output_root)
+        probe = root / f".write-test-{uuid.uuid4().hex}"
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            try:
+                probe.write_bytes(b"0" * 4096)
+            finally:
+                probe.unlink(missing_ok=True)
+        except OSError as err:  # Hydra turns a callback's exception into a warning, so end the app here
+            print(f"error: paths.output_root={str(root)!r} is not writable ({err.strerror}); "
+                  "choose a folder on a writable disk with free space", file=sys.stderr)
+            sys.exit(1)
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config)
 
 
 class SweepSummary(Callback):
