@@ -18,7 +18,7 @@ from hydra.utils import instantiate
 from conftest import compose_train, quick_overrides
 from fashion_lightning import CNN, DenseBaseline, FashionMNISTDataModule
 from fashion_lightning.module import load_model
-from fashion_lightning.errors import UserError
+from fashion_lightning.errors import UserError, reported_as_one_line
 from fashion_lightning.train import check_accelerator, train
 
 TRAINERS = ["default", "cpu", "gpu", "ddp", "ddp_cpu"]
@@ -136,21 +136,9 @@ def test_sweep_preset_selects_the_kernel_sizes() -> None:
     (["model=resnet"], "Could not find 'model/resnet'"),
     (["trainer=tpu"], "Could not find 'trainer/tpu'"),
     (["experiment=nope"], "Could not find 'experiment/nope'"),
-    (["model.kernel_size=-1"], "error: model.kernel_size must be a positive integer, got -1"),
-    (["model.kernel_size=three"], "error: model.kernel_size must be a positive integer, got 'three'"),
-    (["data.batch_size=0"], "error: data.batch_size must be a positive integer, got 0"),
-    (["data.val_split=-5"], "error: data.val_split must be 0 (validate on the test set)"),
     (["no_such_key=1"], "Could not override 'no_such_key'"),
-    (["model.filters=0"], "error: model.filters must be a positive integer, got 0"),
-    (["model.hidden=0"], "error: model.hidden must be a positive integer, got 0"),
-    (["model=dense", "model.hidden1=-4"], "error: model.hidden1 must be a positive integer, got -4"),
-    (["data.val_split=60000"], "error: data.val_split must be 0 (validate on the test set)"),
-    (["data.batch_size=-8"], "error: data.batch_size must be a positive integer, got -8"),
-    (["ckpt_path=missing.ckpt"], "error: ckpt_path='missing.ckpt' does not exist"),
-    (["ckpt_path=last"], "error: ckpt_path=last but no checkpoint exists under 'outs'"),
+    (["model.kernel_size=three"], "error: model.kernel_size must be a positive integer, got 'three'"),
     (["paths.output_root=blocker/outs"], "error: paths.output_root='blocker/outs' is not writable"),
-    (["paths.data_dir=blocker/data"], "is not writable"),
-    (["test_ckpt=best_or_not"], "error: test_ckpt must be best or last, got 'best_or_not'"),
 ])
 def test_cli_bad_input_is_one_clear_error(args: list[str], message: str, data_dir: Path, tmp_path: Path) -> None:
     (tmp_path / "blocker").write_text("a file where a folder should be")
@@ -161,8 +149,40 @@ def test_cli_bad_input_is_one_clear_error(args: list[str], message: str, data_di
     assert not list(tmp_path.glob("outs/runs/*/results.json"))
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    (["model.kernel_size=-1"], "model.kernel_size must be a positive integer, got -1"),
+    (["model.kernel_size=0"], "model.kernel_size must be a positive integer, got 0"),
+    (["model.kernel_size=2.5"], "model.kernel_size must be a positive integer, got 2.5"),
+    (["model.filters=0"], "model.filters must be a positive integer, got 0"),
+    (["model.hidden=0"], "model.hidden must be a positive integer, got 0"),
+    (["model=dense", "model.hidden1=-4"], "model.hidden1 must be a positive integer, got -4"),
+    (["data.batch_size=0"], "data.batch_size must be a positive integer, got 0"),
+    (["data.batch_size=-8"], "data.batch_size must be a positive integer, got -8"),
+    (["data.val_split=-5"], "data.val_split must be 0 (validate on the test set)"),
+    (["data.val_split=60000"], "data.val_split must be 0 (validate on the test set)"),
+    (["ckpt_path=missing.ckpt"], "ckpt_path='missing.ckpt' does not exist"),
+    (["ckpt_path=last"], "ckpt_path=last but no checkpoint exists under"),
+    (["paths.data_dir=blocker/data"], "is not writable"),
+    (["test_ckpt=best_or_not"], "test_ckpt must be best or last, got 'best_or_not'"),
+])
+def test_bad_settings_are_one_clear_error(args: list[str], message: str, tmp_path: Path, capsys,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same path as the CLI (the app's error handler around train), run in-process to keep the suite fast."""
+    (tmp_path / "blocker").write_text("a file where a folder should be")
+    monkeypatch.chdir(tmp_path)
+    cfg = compose_train(f"paths.output_dir={tmp_path / 'outs' / 'run'}", f"paths.output_root={tmp_path / 'outs'}",
+                        "paths.data_dir=data", *args)
+    with pytest.raises(SystemExit) as info, reported_as_one_line():
+        train(cfg)
+    assert info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "outs" / "run" / "results.json").exists()
+
+
 def test_help_lists_groups_and_options(tmp_path: Path) -> None:
     done = run_cli("--help", cwd=tmp_path)
     assert done.returncode == 0
-    for line in ("model: cnn, dense", "trainer: cpu, ddp, ddp_cpu, default, gpu", "experiment: seed_cnn, seed_dense"):
+    for line in ("model: cnn, dense", "trainer: cpu, ddp, ddp_cpu, default, gpu",
+                 "experiment: fast_cnn, seed_cnn, seed_dense", "sweep: kernel_size", "logger: csv, tensorboard"):
         assert line in done.stdout
