@@ -10,6 +10,7 @@ import struct
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
 import lightning as L
 import torch
 from torch import Tensor

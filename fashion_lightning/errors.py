@@ -45,7 +45,8 @@ def reported_as_one_line() -> Iterator[None]:
                             "(a full or read-only disk?); free space or choose another paths.output_root") from err
     except (UserError, InstantiationException) as err:
         cause = err if isinstance(err, UserError) else err.__cause__
-        if not isinstance(cause, UserError) or (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN):
+        in_sweep = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+        if not isinstance(cause, UserError) or in_sweep:
             raise
         print(f"error: {cause}", file=sys.stderr)
         sys.exit(1)

@@ -127,7 +127,8 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
             continue
         top = next(probs).topk(k)
         row = {"input": item.name, "prediction": CLASS_NAMES[int(top.indices[0])], "probability": float(top.values[0]),
-               "top": [{"class": CLASS_NAMES[int(i)], "probability": float(v)} for v, i in zip(top.values, top.indices)]}
+               "top": [{"class": CLASS_NAMES[int(i)], "probability": float(v)}
+                       for v, i in zip(top.values, top.indices, strict=True)]}
         if item.label is not None:
             row["label"] = CLASS_NAMES[item.label]
         results.append(row)

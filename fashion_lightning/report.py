@@ -56,7 +56,7 @@ def plot_confusion(confusion: Tensor, path: Path) -> None:
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     threshold = confusion.max().item() / 2
-    for (i, j), count in zip(((i, j) for i in ticks for j in ticks), confusion.flatten().tolist()):
+    for (i, j), count in zip(((i, j) for i in ticks for j in ticks), confusion.flatten().tolist(), strict=True):
         ax.text(j, i, str(count), ha="center", va="center", fontsize=8, color="white" if count > threshold else "black")
     ax.set_title("Confusion matrix (test set)")
     fig.tight_layout()
@@ -71,7 +71,10 @@ def plot_samples(pixels: Tensor, labels: Tensor, preds: Tensor, path: Path, n: i
     chosen = torch.cat([wrong[:k], right[: n - k]]).sort().values
     cols = 6
     fig = Figure(figsize=(cols * 1.6, math.ceil(len(chosen) / cols) * 1.8), dpi=100)
-    for axis, idx in zip(fig.subplots(math.ceil(len(chosen) / cols), cols).flatten(), chosen.tolist()):
+    axes = fig.subplots(math.ceil(len(chosen) / cols), cols).flatten()
+    for axis in axes[len(chosen) :]:
+        axis.axis("off")
+    for axis, idx in zip(axes, chosen.tolist(), strict=False):
         axis.imshow(pixels[idx, 0].numpy(), cmap="gray")
         ok = bool(preds[idx] == labels[idx])
         axis.set_title(f"{CLASS_NAMES[labels[idx]]}\n{'' if ok else 'x '}{CLASS_NAMES[preds[idx]]}", fontsize=7,
@@ -97,7 +100,7 @@ def plot_curves(metrics_csv: Path, path: Path) -> None:
     """Train and validation loss and accuracy per epoch."""
     series = read_epoch_metrics(metrics_csv)
     fig = Figure(figsize=(10, 4), dpi=100)
-    for axis, what in zip(fig.subplots(1, 2), ("loss", "acc")):
+    for axis, what in zip(fig.subplots(1, 2), ("loss", "acc"), strict=True):
         for split in ("train", "val"):
             points = series.get(f"{split}/{what}", [])
             axis.plot([e + 1 for e, _ in points], [v for _, v in points], marker="o", label=split)

@@ -13,7 +13,7 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from fashion_lightning.callbacks import EpochTimer
 from fashion_lightning.errors import UserError, reported_as_one_line
@@ -30,23 +30,24 @@ def check_accelerator(accelerator: str) -> None:
                         "use trainer=cpu or trainer.accelerator=auto")
 
 
-def resolve_ckpt_path(ckpt_path: str | None, output_root: str | os.PathLike, run_dir: Path) -> str | None:
-    """Turn ``ckpt_path`` (a file, a run directory or "last") into a checkpoint file, or None."""
+RESUMABLE = ("interrupted.ckpt", "last.ckpt")
+"""The checkpoints a resume looks for: where training stood when it was stopped, or when it ended."""
+
+
+def resolve_ckpt_path(ckpt_path: str | None, output_root: str | os.PathLike) -> str | None:
+    """Turn ``ckpt_path`` into a checkpoint file, or None: a file; a run directory (its newest resumable
+    checkpoint); or "last", the newest resumable checkpoint of any run under ``output_root``."""
     if ckpt_path is None:
         return None
-    if ckpt_path == "last":
-        root = Path(output_root)
-        found = [p for p in root.glob("**/checkpoints/*.ckpt") if run_dir not in p.parents]
-        if not found:
-            raise UserError(f"ckpt_path=last but no checkpoint exists under {str(root)!r}; train first or pass a path")
-        return str(max(found, key=lambda p: p.stat().st_mtime))
-    path = Path(ckpt_path).expanduser()
-    if path.is_dir():
-        found = sorted((path / "checkpoints").glob("*.ckpt")) + sorted(path.glob("*.ckpt"))
-        if not found:
-            raise UserError(f"ckpt_path={ckpt_path!r} is a directory without checkpoints; pass a .ckpt file")
-        return str(max(found, key=lambda p: p.stat().st_mtime))
-    return str(path)
+    path = Path(output_root if ckpt_path == "last" else ckpt_path).expanduser()
+    if ckpt_path != "last" and not path.is_dir():
+        return str(path)
+    pattern = "**/checkpoints/" if ckpt_path == "last" else "checkpoints/"
+    found = [p for name in RESUMABLE for p in path.glob(pattern + name)]
+    if not found:
+        raise UserError(f"ckpt_path={ckpt_path} but no {' or '.join(RESUMABLE)} exists under {str(path)!r}; "
+                        "train first or pass a .ckpt file")
+    return str(max(found, key=lambda p: p.stat().st_mtime))
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -76,7 +77,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule: L.LightningDataModule = instantiate(cfg.data)
     model: ImageClassifier = instantiate(cfg.model)
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.output_root, run_dir)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.output_root)
     if ckpt_path:
         check_compatible(read_checkpoint(ckpt_path), model, ckpt_path)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]

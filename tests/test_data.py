@@ -83,13 +83,15 @@ def test_uncompressed_source_files_work_too(fmnist_source: Path, tmp_path: Path)
         ("t10k-labels-idx1-ubyte.gz", lambda p: p.write_bytes(b"not gzip at all"), "corrupt or truncated gzip"),
         ("t10k-images-idx3-ubyte.gz", lambda p: write_idx(p, np.zeros((N_TEST, 28, 28)), magic=2049),
          "wrong IDX magic number 2049, expected 2051"),
-        ("t10k-images-idx3-ubyte.gz", lambda p: write_idx(p, np.zeros((N_TEST, 28, 27))), r"IDX shape \[10000, 28, 27\]"),
+        ("t10k-images-idx3-ubyte.gz", lambda p: write_idx(p, np.zeros((N_TEST, 28, 27))),
+         r"IDX shape \[10000, 28, 27\]"),
         ("t10k-labels-idx1-ubyte.gz", lambda p: write_idx(p, np.zeros(N_TEST - 1)), r"IDX shape \[9999\]"),
         ("t10k-labels-idx1-ubyte.gz", lambda p: p.write_bytes(gzip.compress(gzip.decompress(p.read_bytes())[:-3])),
          "10005 bytes, expected 10008"),
     ],
 )
-def test_bad_files_are_named_and_never_extracted(fmnist_source: Path, tmp_path: Path, name: str, corrupt, message: str) -> None:
+def test_bad_files_are_named_and_never_extracted(fmnist_source: Path, tmp_path: Path, name: str, corrupt,
+                                                 message: str) -> None:
     source = copy_source(fmnist_source, tmp_path)
     corrupt(source / name)
     with pytest.raises(UserError, match=message) as info:

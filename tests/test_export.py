@@ -53,7 +53,8 @@ def test_export_default_goes_into_the_run_directory(trained_run: Path, data_dir:
 
 
 @pytest.mark.parametrize(("args", "message"), [(["format=tflite"], "format must be one of onnx, torchscript"),
-                                               (["ckpt_path=nope.ckpt"], "does not exist"), ([], "ckpt_path is required")])
+                                               (["ckpt_path=nope.ckpt"], "does not exist"),
+                                               ([], "ckpt_path is required")])
 def test_export_bad_input(args: list[str], message: str, trained_run: Path, tmp_path: Path) -> None:
     ckpt = [f"ckpt_path={trained_run / 'checkpoints' / 'best.ckpt'}"] if not any("ckpt" in a for a in args) else []
     done = export(*(ckpt if args != [] else []), *args, cwd=tmp_path)

@@ -81,8 +81,10 @@ def test_fused_cnn_matches_the_tutorial_formulation(k: int, keras: bool) -> None
     assert torch.allclose(out_fast, out_ref, atol=1e-5)
     for a, b in zip(g_fast, g_ref, strict=True):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
-    with torch.no_grad():  # inference runs the standard modules, with the same result
+    with torch.no_grad():
         assert torch.allclose(net(x), out_ref, atol=1e-5)
+        traced = torch.jit.trace(net, x[:2])  # tracing (export) runs the standard modules: the same function
+        assert torch.allclose(traced(x), out_ref, atol=1e-5)
 
 
 def test_keras_init_gives_zero_biases_and_glorot_bounds() -> None:
@@ -101,7 +103,8 @@ def test_keras_init_gives_zero_biases_and_glorot_bounds() -> None:
                                               ({"kernel_size": 2.5}, "kernel_size"), ({"filters": 0}, "filters"),
                                               ({"hidden": 0}, "hidden")])
 def test_bad_cnn_sizes(kwargs: dict, name: str) -> None:
-    with pytest.raises(UserError, match=f"model.{name} must be a positive integer, got {next(iter(kwargs.values()))!r}"):
+    value = next(iter(kwargs.values()))
+    with pytest.raises(UserError, match=f"model.{name} must be a positive integer, got {value!r}"):
         ConvNet(**kwargs)
 
 

@@ -16,15 +16,15 @@ import pytest
 import torch
 
 from conftest import compose_train, quick_overrides
+from fashion_lightning import FashionMNISTDataModule
 from fashion_lightning.errors import reported_as_one_line
 from fashion_lightning.module import load_model
 from fashion_lightning.report import predict_test_set
 from fashion_lightning.train import train
-from fashion_lightning import FashionMNISTDataModule
 
 
 class SignalAt(L.Callback):
-    """Sends a real signal to this process (or raises) when training reaches ``step``: an interruption at a known step."""
+    """Sends a real signal to this process (or raises) when training reaches ``step``: a known interruption."""
 
     def __init__(self, step: int, signum: int = 0) -> None:
         self.step, self.signum = step, signum
@@ -108,7 +108,8 @@ def test_a_crash_mid_epoch_leaves_a_checkpoint(data_dir: Path, tmp_path: Path) -
 
 
 def test_ddp_on_cpu_under_hydra(data_dir: Path, tmp_path: Path) -> None:
-    overrides = [o for o in quick_overrides(data_dir, tmp_path) if not o.startswith(("paths.output", "trainer=", "report"))]
+    skip = ("paths.output", "trainer=", "report")
+    overrides = [o for o in quick_overrides(data_dir, tmp_path) if not o.startswith(skip)]
     done = subprocess.run([sys.executable, "-m", "fashion_lightning.train", "trainer=ddp_cpu", "trainer.devices=2",
                            *overrides, "paths.output_root=outs", "report=true"], cwd=tmp_path, capture_output=True,
                           text=True, timeout=600)
@@ -125,7 +126,8 @@ def test_ddp_on_cpu_under_hydra(data_dir: Path, tmp_path: Path) -> None:
 def test_environment_variable_pointing_nowhere_via_the_cli(tmp_path: Path) -> None:
     env = {**os.environ, "FASHION_MNIST_DIR": str(tmp_path / "nowhere")}
     done = subprocess.run([sys.executable, "-m", "fashion_lightning.train", f"paths.data_dir={tmp_path / 'data'}",
-                           "paths.output_root=outs"], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
+                           "paths.output_root=outs"], cwd=tmp_path, capture_output=True, text=True, env=env,
+                          timeout=300)
     assert done.returncode == 1
     assert "$FASHION_MNIST_DIR=" in done.stderr and "lacks the Fashion-MNIST files" in done.stderr
     assert "Traceback" not in done.stderr and not list(tmp_path.glob("outs/runs/*/results.json"))

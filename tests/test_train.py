@@ -17,8 +17,8 @@ from hydra.utils import instantiate
 
 from conftest import compose_train, quick_overrides
 from fashion_lightning import CNN, DenseBaseline, FashionMNISTDataModule
-from fashion_lightning.module import load_model
 from fashion_lightning.errors import UserError, reported_as_one_line
+from fashion_lightning.module import load_model
 from fashion_lightning.train import check_accelerator, train
 
 TRAINERS = ["default", "cpu", "gpu", "ddp", "ddp_cpu"]
@@ -161,7 +161,7 @@ def test_cli_bad_input_is_one_clear_error(args: list[str], message: str, data_di
     (["data.val_split=-5"], "data.val_split must be 0 (validate on the test set)"),
     (["data.val_split=60000"], "data.val_split must be 0 (validate on the test set)"),
     (["ckpt_path=missing.ckpt"], "ckpt_path='missing.ckpt' does not exist"),
-    (["ckpt_path=last"], "ckpt_path=last but no checkpoint exists under"),
+    (["ckpt_path=last"], "ckpt_path=last but no interrupted.ckpt or last.ckpt exists under"),
     (["paths.data_dir=blocker/data"], "is not writable"),
     (["test_ckpt=best_or_not"], "test_ckpt must be best or last, got 'best_or_not'"),
 ])
