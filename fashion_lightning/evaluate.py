@@ -10,16 +10,20 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from fashion_lightning.errors import UserError, reported_as_one_line
-from fashion_lightning.module import model_from_checkpoint, read_checkpoint
+from fashion_lightning.module import ImageClassifier, model_from_checkpoint, read_checkpoint
 from fashion_lightning.report import METRICS_CSV, write_report
 from fashion_lightning.train import CONFIG_DIR
 
 
-def required_ckpt_path(cfg: DictConfig, command: str) -> Path:
-    """``cfg.ckpt_path`` as a path, or a `UserError` that shows how to pass it."""
+def load_trained(cfg: DictConfig, command: str) -> tuple[Path, ImageClassifier, bool]:
+    """For the apps that use a trained model: ``cfg.ckpt_path`` (required), its model on the CPU in eval mode,
+    and whether it was trained on pixels / 255 (``scale``, read from the checkpoint's datamodule settings)."""
     if OmegaConf.is_missing(cfg, "ckpt_path") or not cfg.ckpt_path:
         raise UserError(f"ckpt_path is required: python -m fashion_lightning.{command} ckpt_path=path/to/best.ckpt")
-    return Path(cfg.ckpt_path).expanduser()
+    path = Path(cfg.ckpt_path).expanduser()
+    checkpoint = read_checkpoint(path)
+    scale = checkpoint.get("datamodule_hyper_parameters", {}).get("scale", True)
+    return path, model_from_checkpoint(checkpoint), bool(scale)
 
 
 def run_dir_of(ckpt_path: Path) -> Path:
@@ -30,10 +34,7 @@ def run_dir_of(ckpt_path: Path) -> Path:
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Write the report of ``cfg.ckpt_path`` and return its summary; pixels are scaled as in training."""
-    ckpt_path = required_ckpt_path(cfg, "evaluate")
-    checkpoint = read_checkpoint(ckpt_path)
-    model = model_from_checkpoint(checkpoint)
-    scale = checkpoint.get("datamodule_hyper_parameters", {}).get("scale", cfg.data.scale)
+    ckpt_path, model, scale = load_trained(cfg, "evaluate")
     datamodule = instantiate(cfg.data, scale=scale)
     run_dir = run_dir_of(ckpt_path)
     out = Path(cfg.report_dir) if cfg.report_dir else run_dir / "report"

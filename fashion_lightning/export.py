@@ -15,8 +15,7 @@ from torch import Tensor, nn
 
 from fashion_lightning.data import CLASS_NAMES
 from fashion_lightning.errors import UserError, reported_as_one_line
-from fashion_lightning.evaluate import required_ckpt_path, run_dir_of
-from fashion_lightning.module import model_from_checkpoint, read_checkpoint
+from fashion_lightning.evaluate import load_trained, run_dir_of
 from fashion_lightning.train import CONFIG_DIR
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
@@ -66,10 +65,8 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     """
     if cfg.format not in FORMATS:
         raise UserError(f"format must be one of {', '.join(FORMATS)}, got {cfg.format!r}")
-    ckpt_path = required_ckpt_path(cfg, "export")
-    checkpoint = read_checkpoint(ckpt_path)
-    model = Probabilities(model_from_checkpoint(checkpoint).net).eval()
-    scale = checkpoint.get("datamodule_hyper_parameters", {}).get("scale", True)
+    ckpt_path, trained, scale = load_trained(cfg, "export")
+    model = Probabilities(trained.net).eval()
     out = Path(cfg.output) if cfg.output else run_dir_of(ckpt_path) / "export" / f"model{FORMATS[cfg.format]}"
     out.parent.mkdir(parents=True, exist_ok=True)
     datamodule = instantiate(cfg.data)

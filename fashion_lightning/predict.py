@@ -18,8 +18,7 @@ from torch import Tensor
 
 from fashion_lightning.data import CLASS_NAMES
 from fashion_lightning.errors import UserError, reported_as_one_line
-from fashion_lightning.evaluate import required_ckpt_path
-from fashion_lightning.module import model_from_checkpoint, read_checkpoint
+from fashion_lightning.evaluate import load_trained
 from fashion_lightning.train import CONFIG_DIR
 
 INVERT = ("auto", "always", "never")
@@ -109,9 +108,7 @@ def gather_items(inputs: list[str], invert: str, cfg: DictConfig) -> list[Item]:
 
 def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     """Predict every input of ``cfg.inputs``; print a table or JSON; return one dict per input."""
-    checkpoint = read_checkpoint(required_ckpt_path(cfg, "predict"))
-    model = model_from_checkpoint(checkpoint)
-    scale = checkpoint.get("datamodule_hyper_parameters", {}).get("scale", True)
+    _, model, scale = load_trained(cfg, "predict")
     inputs = list(cfg.inputs) if isinstance(cfg.inputs, ListConfig | list) else [str(cfg.inputs)]
     items = gather_items([str(i) for i in inputs], cfg.invert, cfg)
     good = [item for item in items if item.error is None]
