@@ -11,6 +11,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from torch import Tensor
 from torchmetrics.functional.classification import multiclass_confusion_matrix
 
@@ -105,6 +106,7 @@ def plot_curves(metrics_csv: Path, path: Path) -> None:
             points = series.get(f"{split}/{what}", [])
             axis.plot([e + 1 for e, _ in points], [v for _, v in points], marker="o", label=split)
         axis.set_xlabel("epoch")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.set_title("accuracy" if what == "acc" else "loss")
         axis.grid(alpha=0.3)
         axis.legend()
