@@ -41,8 +41,8 @@ def reported_as_one_line() -> Iterator[None]:
         except OSError as err:
             if err.errno not in DISK_ERRORS:
                 raise
-            raise UserError(f"cannot write {err.filename or 'a file'}: {err.strerror} "
-                            "(a full or read-only disk?); free space or choose another paths.output_root") from err
+            raise UserError(f"cannot use {err.filename or 'a file'}: {err.strerror} (a full or read-only disk, or no "
+                            "permission?); free space, or choose paths you can write to") from err
     except (UserError, InstantiationException) as err:
         cause = err if isinstance(err, UserError) else err.__cause__
         in_sweep = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN

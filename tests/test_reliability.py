@@ -148,5 +148,5 @@ def test_a_full_disk_is_one_clear_error_and_no_result(data_dir: Path, tmp_path: 
     with pytest.raises(SystemExit) as info, reported_as_one_line():
         train(compose_train(*quick_overrides(data_dir, out)))
     assert info.value.code == 1
-    assert "No space left on device (a full or read-only disk?)" in capsys.readouterr().err
+    assert "No space left on device (a full or read-only disk, or no permission?)" in capsys.readouterr().err
     assert not (out / "results.json").exists() and not (out / "results.json.partial").exists()
