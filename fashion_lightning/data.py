@@ -146,6 +146,12 @@ def load_split(data_dir: str | os.PathLike, train: bool) -> tuple[Tensor, Tensor
     return dataset.data, labels
 
 
+def to_input(images: Tensor, scale: bool = True) -> Tensor:
+    """uint8 images (N, 28, 28) -> the networks' input: float32 (N, 1, 28, 28), divided by 255 when ``scale``."""
+    x = images.unsqueeze(1).float()
+    return x.div_(255.0) if scale else x
+
+
 class BatchLoader:
     """Batches sliced from in-memory uint8 tensors and scaled on the fly: no per-sample work.
 
@@ -189,9 +195,8 @@ class BatchLoader:
         indices = self._indices(epoch).to(self.images.device)
         for begin in range(start * self.batch_size, len(indices), self.batch_size):
             idx = indices[begin : begin + self.batch_size]
-            images = self.images[idx].unsqueeze(1).float()
             self.position += 1
-            yield (images.div_(255.0) if self.scale else images), self.labels[idx]
+            yield to_input(self.images[idx], self.scale), self.labels[idx]
 
     def state_dict(self) -> dict[str, int]:
         """Where reading stands: the epoch and how many batches of it were handed out."""

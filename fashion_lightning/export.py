@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from fashion_lightning.data import CLASS_NAMES
+from fashion_lightning.data import CLASS_NAMES, to_input
 from fashion_lightning.errors import UserError, reported_as_one_line
 from fashion_lightning.evaluate import load_trained, run_dir_of
 from fashion_lightning.train import CONFIG_DIR
@@ -71,7 +71,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     out.parent.mkdir(parents=True, exist_ok=True)
     datamodule = instantiate(cfg.data)
     datamodule.setup("test")
-    images = datamodule.test_set[0][:256].unsqueeze(1).float() / (255.0 if scale else 1.0)
+    images = to_input(datamodule.test_set[0][:256], scale)
     with torch.no_grad():
         run = (write_onnx if cfg.format == "onnx" else write_torchscript)(model, images[:2], out)
         expected = model(images)

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, ListConfig
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
-from fashion_lightning.data import CLASS_NAMES
+from fashion_lightning.data import CLASS_NAMES, to_input
 from fashion_lightning.errors import UserError, reported_as_one_line
 from fashion_lightning.evaluate import load_trained
 from fashion_lightning.train import CONFIG_DIR
@@ -114,7 +114,7 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     good = [item for item in items if item.error is None]
     probs = iter(())
     if good:
-        x = torch.stack([item.pixels for item in good]).unsqueeze(1).float() / (255.0 if scale else 1.0)
+        x = to_input(torch.stack([item.pixels for item in good]), scale)
         with torch.inference_mode():
             probs = iter(model(x).softmax(dim=1))
     results, k = [], min(int(cfg.top_k), len(CLASS_NAMES))

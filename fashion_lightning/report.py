@@ -15,7 +15,7 @@ from matplotlib.ticker import MaxNLocator
 from torch import Tensor
 from torchmetrics.functional.classification import multiclass_confusion_matrix
 
-from fashion_lightning.data import CLASS_NAMES, BatchLoader, FashionMNISTDataModule
+from fashion_lightning.data import CLASS_NAMES, BatchLoader, FashionMNISTDataModule, to_input
 from fashion_lightning.module import ImageClassifier
 
 METRICS_CSV = "logs/metrics.csv"
@@ -30,7 +30,7 @@ def predict_test_set(model: ImageClassifier, datamodule: FashionMNISTDataModule)
     loader = BatchLoader(images, labels, 1000, scale=datamodule.hparams.scale)
     model = model.eval().cpu()
     probs = torch.cat([model(x).softmax(dim=1) for x, _ in loader])
-    pixels = images.unsqueeze(1).float() / (255.0 if datamodule.hparams.scale else 1.0)
+    pixels = to_input(images, datamodule.hparams.scale)
     return probs, pixels, labels
 
 
