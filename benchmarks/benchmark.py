@@ -32,6 +32,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from fashion_lightning.data import BatchLoader
+from fashion_lightning.runtime import tune_process
 from fashion_lightning.train import CONFIG_DIR, train
 
 RECIPES = {
@@ -160,6 +161,7 @@ def main() -> None:
     parser.add_argument("--cli-runs", type=int, default=1, help="whole CLI runs of seed_cnn to time end to end")
     parser.add_argument("--out", default="benchmarks/results.md", help="where to write the Markdown table")
     args = parser.parse_args()
+    tune_process()  # train() applies it too; here it holds for the plain loop whichever runs first
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or 'CPU'}"
     seeds = [int(s) for s in args.seeds.split(",")]
     rows = []

@@ -1,12 +1,13 @@
-"""Where Lightning's per-step time goes: the CNN's training step, adding one piece of the app at a time.
+"""Where Lightning's per-step time goes, and what ``data.batches_per_step`` buys back.
 
-    python benchmarks/lightning_overhead.py [--steps 400] [--repeats 3] [--data-dir data]
+    python benchmarks/lightning_overhead.py [--model cnn|dense] [--steps 1600] [--repeats 3] [--data-dir data]
 
-Each variant trains the same CNN (same init, same batches from the same in-memory loader) for ``--steps``
-steps, and prints the median ms per step over the repeats, the variants interleaved so that machine drift
-hits them alike: the plain loop; Lightning with a module that only returns the loss; the app's module
-(torchmetrics updates); plus the progress bar (refresh every 100 steps); plus the CSV logger; plus the
-checkpoint, interrupt and timer callbacks (the full ``callbacks=default``).
+Each variant takes ``--steps`` Adam steps of batch 32 on the same network (same init, same batches from the
+same in-memory tensors), and the script prints the median ms per optimizer step over the repeats, the
+variants interleaved so that machine drift hits them alike: the plain loop; Lightning with a bare trainer
+(no progress bar, logger or callbacks); Lightning with the app's progress bar, CSV logger and checkpoint,
+interrupt and timer callbacks. The Lightning variants run once with one batch per training step and once
+with 32 (``data.batches_per_step``, the app's default). ``tune_process()`` is applied to all of them.
 """
 
 from __future__ import annotations
@@ -19,29 +20,21 @@ import time
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
-from fashion_lightning import CNN, FashionMNISTDataModule
-from fashion_lightning.callbacks import EpochTimer, SaveOnInterrupt
+from fashion_lightning import CNN, BatchLoader, DenseBaseline, FashionMNISTDataModule
+from fashion_lightning.callbacks import BatchProgressBar, EpochTimer, SaveOnInterrupt
+from fashion_lightning.runtime import tune_process
+
+MODELS = {"cnn": CNN, "dense": DenseBaseline}
 
 
-class LossOnly(CNN):
-    """The CNN with a training step that only computes the loss: Lightning's own cost, no metrics."""
-
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        return F.cross_entropy(self(x), y)
-
-    def on_train_epoch_end(self) -> None:
-        pass
-
-
-def plain(dm: FashionMNISTDataModule, steps: int) -> float:
+def plain(cls: type, dm: FashionMNISTDataModule, steps: int) -> float:
     torch.manual_seed(0)
-    net = CNN(keras_init=True).net
+    net = cls(keras_init=True).net
     optimizer = torch.optim.Adam(net.parameters(), fused=True)
-    batches = iter(dm.train_dataloader())
+    batches = iter(BatchLoader(*dm.train_set, 32, shuffle=True))
     start = time.perf_counter()
     for _ in range(steps):
         x, y = next(batches)
@@ -52,52 +45,52 @@ def plain(dm: FashionMNISTDataModule, steps: int) -> float:
     return (time.perf_counter() - start) / steps * 1e3
 
 
-def lightning(dm: FashionMNISTDataModule, steps: int, module: type, out: str, bar: bool = False,
-              logger: bool = False, callbacks: bool = False) -> float:
+def lightning(cls: type, dm: FashionMNISTDataModule, steps: int, per_step: int, out: str, app: bool) -> float:
     torch.manual_seed(0)
     timer = EpochTimer()
     extra: list[L.Callback] = [timer]
-    if bar:
-        extra.append(TQDMProgressBar(refresh_rate=100))
-    if callbacks:
-        extra += [ModelCheckpoint(dirpath=out, filename="best", monitor="val/acc", mode="max", save_last=True),
-                  SaveOnInterrupt(out)]
-    trainer = L.Trainer(max_epochs=1, limit_train_batches=steps, limit_val_batches=1, accelerator="cpu",
-                        enable_progress_bar=bar, enable_model_summary=False, enable_checkpointing=callbacks,
-                        logger=CSVLogger(out, name="logs") if logger else False, callbacks=extra,
+    if app:
+        extra += [BatchProgressBar(), SaveOnInterrupt(out),
+                  ModelCheckpoint(dirpath=out, filename="best", monitor="val/acc", mode="max"),
+                  ModelCheckpoint(dirpath=out, filename="last", enable_version_counter=False)]
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=steps // per_step, limit_val_batches=1, accelerator="cpu",
+                        enable_progress_bar=app, enable_model_summary=False, enable_checkpointing=app,
+                        logger=CSVLogger(out, name="logs") if app else False, callbacks=extra,
                         num_sanity_val_steps=0)
-    trainer.fit(module(keras_init=True), datamodule=dm)
-    return timer.times[0] / steps * 1e3
+    dm.hparams.batches_per_step = per_step
+    dm._loaders.clear()
+    trainer.fit(cls(keras_init=True), datamodule=dm)
+    return timer.times[0] / trainer.global_step * 1e3
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--model", choices=sorted(MODELS), default="cnn")
+    parser.add_argument("--steps", type=int, default=1600, help="optimizer steps per variant (a multiple of 32)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--data-dir", default="data")
     args = parser.parse_args()
+    tune_process()
+    cls = MODELS[args.model]
     dm = FashionMNISTDataModule(data_dir=args.data_dir)
     dm.prepare_data()
     dm.setup()
-    variants = {
-        "plain loop": lambda out: plain(dm, args.steps),
-        "Lightning, loss-only module": lambda out: lightning(dm, args.steps, LossOnly, out),
-        "+ torchmetrics (the app's module)": lambda out: lightning(dm, args.steps, CNN, out),
-        "+ progress bar": lambda out: lightning(dm, args.steps, CNN, out, bar=True),
-        "+ CSV logger": lambda out: lightning(dm, args.steps, CNN, out, bar=True, logger=True),
-        "+ checkpoint/interrupt callbacks": lambda out: lightning(dm, args.steps, CNN, out, bar=True, logger=True,
-                                                                  callbacks=True),
-    }
+    variants = {"plain loop": lambda out: plain(cls, dm, args.steps)}
+    for per_step in (1, 32):
+        variants[f"Lightning, bare trainer, {per_step} batch/step"] = \
+            lambda out, k=per_step: lightning(cls, dm, args.steps, k, out, app=False)
+        variants[f"Lightning, the app's bar/logger/callbacks, {per_step} batch/step"] = \
+            lambda out, k=per_step: lightning(cls, dm, args.steps, k, out, app=True)
     times: dict[str, list[float]] = {name: [] for name in variants}
     with tempfile.TemporaryDirectory() as out:
         for _ in range(args.repeats):
             for name, run in variants.items():
                 times[name].append(run(out))
     base = statistics.median(times["plain loop"])
-    print(f"\nCNN, batch 32, {args.steps} steps, median of {args.repeats}:")
+    print(f"\n{args.model}, batch 32, {args.steps} optimizer steps, median of {args.repeats}:")
     for name, values in times.items():
         ms = statistics.median(values)
-        print(f"{name:<36} {ms:6.3f} ms/step   {ms / base:5.3f}x plain")
+        print(f"{name:<60} {ms:6.3f} ms/step   {ms / base:5.3f}x plain")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from types import FrameType
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 
 
 class SaveOnInterrupt(Callback):
@@ -73,3 +73,27 @@ class EpochTimer(Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.times.append(self._last - self._start)
         pl_module.log("train/epoch_time_s", self.times[-1], sync_dist=True)
+
+
+class BatchProgressBar(TQDMProgressBar):
+    """Lightning's tqdm bar, counting an epoch's batches rather than its training steps.
+
+    With ``data.batches_per_step`` one training step takes several batches; this bar still shows the
+    tutorial's ``1875/1875`` per epoch and a rate in batches per second. ``refresh_rate`` counts steps.
+    """
+
+    def _per_step(self) -> int:
+        return getattr(self.trainer.train_dataloader, "batches_per_step", 1)
+
+    @property
+    def total_train_batches(self) -> int | float:
+        total = super().total_train_batches * self._per_step()
+        return min(total, getattr(self.trainer.train_dataloader, "num_batches", total))
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        bar = self.train_progress_bar
+        if bar is not None and not bar.disable and self._should_update(batch_idx + 1, trainer.num_training_batches):
+            bar.n = min((batch_idx + 1) * self._per_step(), bar.total)
+            bar.refresh()
+            bar.set_postfix(self.get_metrics(trainer, pl_module))

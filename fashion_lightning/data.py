@@ -13,6 +13,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import SingleDeviceStrategy
 from torch import Tensor
 from torchvision.datasets import FashionMNIST
 
@@ -161,16 +162,21 @@ class BatchLoader:
     ``DistributedSampler``; evaluation shares are not, so every item is counted once). The order is a
     function of (seed, epoch), the epoch taken from ``epoch_of`` (the trainer's) when given; it is resumable
     mid-epoch: Lightning saves ``state_dict()`` in checkpoints and restores it before iterating.
+
+    With ``batches_per_step > 1`` it yields lists of that many consecutive batches instead (the last list
+    of an epoch may be shorter), gathered and scaled in one go: one Lightning training step takes one
+    optimizer step per batch (see `ImageClassifier`), the same math with the per-step overhead paid once.
     """
 
     def __init__(self, images: Tensor, labels: Tensor, batch_size: int, *, shuffle: bool = False, seed: int = 0,
-                 scale: bool = True, rank: int = 0, world_size: int = 1,
+                 scale: bool = True, rank: int = 0, world_size: int = 1, batches_per_step: int = 1,
                  epoch_of: Callable[[], int] | None = None) -> None:
         self.images, self.labels = images, labels
         self.batch_size, self.shuffle, self.seed, self.scale = batch_size, shuffle, seed, scale
+        self.batches_per_step = batches_per_step
         self.rank, self.world_size = rank, world_size
         self.epoch_of = epoch_of  # where the epoch number comes from, e.g. the trainer's; else each pass is the next
-        self.epoch, self.position = -1, 0  # epoch being read and batches handed out in it
+        self.epoch, self.position = -1, 0  # epoch being read and items (batches or lists) handed out in it
         self._resume: dict[str, int] | None = None
 
     def _indices(self, epoch: int) -> Tensor:
@@ -182,24 +188,34 @@ class BatchLoader:
         order = torch.cat([order, order[: per_rank * self.world_size - n]])
         return order[self.rank :: self.world_size]
 
-    def __len__(self) -> int:
+    @property
+    def num_batches(self) -> int:
+        """Batches in one epoch of this rank's share."""
         n = len(self.labels)
         per_rank = math.ceil(n / self.world_size) if self.shuffle else len(range(self.rank, n, self.world_size))
         return math.ceil(per_rank / self.batch_size)
 
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+    def __len__(self) -> int:
+        return math.ceil(self.num_batches / self.batches_per_step)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor] | list[tuple[Tensor, Tensor]]]:
         epoch = self.epoch + 1 if self.epoch_of is None else self.epoch_of()
         resume, self._resume = self._resume, None
         start = resume["position"] if resume and resume["epoch"] == epoch else 0
         self.epoch, self.position = epoch, start
         indices = self._indices(epoch).to(self.images.device)
-        for begin in range(start * self.batch_size, len(indices), self.batch_size):
-            idx = indices[begin : begin + self.batch_size]
+        step = self.batch_size * self.batches_per_step
+        for begin in range(start * step, len(indices), step):
+            idx = indices[begin : begin + step]
+            x, y = to_input(self.images[idx], self.scale), self.labels[idx]
             self.position += 1
-            yield to_input(self.images[idx], self.scale), self.labels[idx]
+            if self.batches_per_step == 1:
+                yield x, y
+            else:
+                yield list(zip(x.split(self.batch_size), y.split(self.batch_size), strict=True))
 
     def state_dict(self) -> dict[str, int]:
-        """Where reading stands: the epoch and how many batches of it were handed out."""
+        """Where reading stands: the epoch and how many items (batches or lists of them) were handed out."""
         return {"epoch": self.epoch, "position": self.position}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
@@ -218,6 +234,9 @@ class FashionMNISTDataModule(L.LightningDataModule):
             ``0`` validates on the test set as the tutorial did.
         batch_size: training batch size per device.
         eval_batch_size: batch size for validation, test and prediction.
+        batches_per_step: batches handed to one Lightning training step, each still one optimizer step
+            (see `BatchLoader`); the same math, less per-step overhead. Single-device runs only: under DDP
+            every batch is its own step (DDP synchronises gradients once per forward of its wrapper).
         scale: divide pixels by 255 (the tutorial's dense run used raw 0-255 pixels).
         seed: seeds the validation split and the per-epoch shuffling.
         download: let torchvision download when no local copy exists.
@@ -226,11 +245,12 @@ class FashionMNISTDataModule(L.LightningDataModule):
     classes = CLASS_NAMES
 
     def __init__(self, data_dir: str = "data", source_dir: str | None = None, val_split: int | float = 5000,
-                 batch_size: int = 32, eval_batch_size: int = 1000, scale: bool = True, seed: int = 0,
-                 download: bool = True) -> None:
+                 batch_size: int = 32, eval_batch_size: int = 1000, batches_per_step: int = 1, scale: bool = True,
+                 seed: int = 0, download: bool = True) -> None:
         super().__init__()
         check_positive_int("data.batch_size", batch_size)
         check_positive_int("data.eval_batch_size", eval_batch_size)
+        check_positive_int("data.batches_per_step", batches_per_step)
         self.num_val = self._val_count(val_split)
         self.save_hyperparameters()
         self.train_set: tuple[Tensor, Tensor] | None = None
@@ -272,6 +292,7 @@ class FashionMNISTDataModule(L.LightningDataModule):
         trainer = self.trainer
         device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        single = trainer is None or isinstance(trainer.strategy, SingleDeviceStrategy)
         key = f"{split}:{device}:{rank}/{world}"
         if key not in self._loaders:
             self.setup()
@@ -281,6 +302,7 @@ class FashionMNISTDataModule(L.LightningDataModule):
             self._loaders[key] = BatchLoader(
                 images, labels, hp.batch_size if train else hp.eval_batch_size, shuffle=train, seed=hp.seed,
                 scale=hp.scale, rank=rank, world_size=world,
+                batches_per_step=hp.batches_per_step if train and single else 1,
                 epoch_of=(lambda: trainer.current_epoch) if train and trainer is not None else None)
         return self._loaders[key]
 

@@ -27,8 +27,47 @@ class DenseNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """(N, 1, 28, 28) images -> (N, num_classes) logits."""
+        if _fast_path(x, self.row1, self.row2, self.flatten, self.out):
+            return RowMLP.apply(x, self.row1.weight, self.row1.bias, self.row2.weight, self.row2.bias,
+                                self.out.weight, self.out.bias)
         h = self.row2(self.row1(x.view(-1, 28, 28)).relu()).relu()
         return self.out(self.flatten(h))
+
+
+def _fast_path(x: Tensor, *modules: nn.Module) -> bool:
+    """Whether a fused function may stand in for ``modules``: on a CPU, not traced, no hook watching them."""
+    hooked = any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+    return x.device.type == "cpu" and not hooked and not torch.jit.is_tracing()
+
+
+class RowMLP(torch.autograd.Function):
+    """The dense baseline's function, ``out(flatten(relu(row2(relu(row1(rows))))))``, as one autograd node.
+
+    The same GEMMs, bias additions and ReLU masks as the modules, with a hand-written backward: one node
+    instead of a dozen, which at batch 32 on a CPU is a large part of the step (``benchmarks/fused_layer.py``).
+    """
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu", cast_inputs=torch.float32)
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor,
+                b2: Tensor, w3: Tensor, b3: Tensor) -> Tensor:
+        n, width = x.shape[0], x.shape[-1]
+        rows = x.reshape(-1, width)
+        h1 = torch.addmm(b1, rows, w1.t()).relu_()
+        h2 = torch.addmm(b2, h1, w2.t()).relu_()
+        ctx.save_for_backward(rows, h1, h2, w1, w2, w3)
+        ctx.input_shape = x.shape
+        return torch.addmm(b3, h2.view(n, -1), w3.t())
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cpu")
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        rows, h1, h2, w1, w2, w3 = ctx.saved_tensors
+        g2 = torch.ops.aten.threshold_backward(torch.mm(grad, w3).view_as(h2), h2, 0)
+        g1 = torch.ops.aten.threshold_backward(torch.mm(g2, w2), h1, 0)
+        dx = torch.mm(g1, w1).view(ctx.input_shape) if ctx.needs_input_grad[0] else None
+        return (dx, torch.mm(g1.t(), rows), g1.sum(0), torch.mm(g2.t(), h1), g2.sum(0),
+                torch.mm(grad.t(), h2.view(grad.shape[0], -1)), grad.sum(0))
 
 
 def _patches(x: Tensor, k: int) -> Tensor:
@@ -54,8 +93,9 @@ class ConvPoolReLU(torch.autograd.Function):
     The same function and the same gradients as the three PyTorch ops (max-pool routes each window's
     gradient to its first maximum in row-major order, ReLU passes none at 0), computed as two GEMMs over
     im2col patches with element-wise maxima: on a CPU this skips the slow ``max_pool2d_with_indices`` and
-    ``convolution_backward`` kernels and the full-size ReLU passes. Returns (N, filters * 196) in
-    channel-major order, as ``Flatten`` of (N, filters, 14, 14).
+    ``convolution_backward`` kernels and the full-size ReLU passes. The conv output is laid out
+    (window, image, position, channel), so that every element-wise pass reads contiguous memory and the GEMM
+    writes long rows. Returns (N, filters * 196) in channel-major order, as ``Flatten`` of (N, filters, 14, 14).
     """
 
     @staticmethod
@@ -63,27 +103,28 @@ class ConvPoolReLU(torch.autograd.Function):
     def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
         c, k, n = weight.shape[0], weight.shape[-1], x.shape[0]
         cols = _patches(x, k)
-        out = (torch.cat([weight.reshape(c, k * k), bias.reshape(c, 1)], 1) @ cols).view(c, 4, n * 196)
-        o = out.unbind(1)
-        m01, m23 = torch.maximum(o[0], o[1]), torch.maximum(o[2], o[3])
-        pooled = torch.maximum(m01, m23)
+        weight_bias = torch.cat([weight.reshape(c, k * k), bias.reshape(c, 1)], 1)
+        out = torch.mm(cols.t(), weight_bias.t()).view(4, n * 196, c)
+        pooled = torch.maximum(torch.maximum(out[0], out[1]), torch.maximum(out[2], out[3]))
         ctx.save_for_backward(cols, out, pooled)
-        return pooled.clamp(min=0).view(c, n, 196).transpose(0, 1).reshape(n, c * 196)
+        relu = torch.empty(n, c, 196, dtype=pooled.dtype, device=pooled.device)
+        return torch.clamp(pooled.view(n, 196, c).transpose(1, 2), min=0, out=relu).view(n, c * 196)
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cpu")
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[None, Tensor, Tensor]:
         cols, out, pooled = ctx.saved_tensors
-        c, n = out.shape[0], out.shape[2] // 196
+        c, n = out.shape[2], out.shape[1] // 196
         k = int(round((cols.shape[0] - 1) ** 0.5))
         mask = torch.gt(pooled, 0, out=torch.empty_like(pooled))  # float 0/1: much faster here than bool masks
-        g = grad.view(n, c, 196).transpose(0, 1).reshape(c, n * 196).mul_(mask)
+        g = torch.mul(grad.view(n, c, 196).transpose(1, 2), mask.view(n, 196, c),
+                      out=torch.empty(n, 196, c, dtype=grad.dtype, device=grad.device)).view(n * 196, c)
         routed = torch.empty_like(out)
         for w in range(4):  # the first window position holding the maximum takes the gradient
-            torch.mul(g, torch.eq(out[:, w], pooled, out=mask), out=routed[:, w])
+            torch.mul(g, torch.eq(out[w], pooled, out=mask), out=routed[w])
             if w < 3:
-                g = g - routed[:, w]  # exact: leaves g where the position lost, 0 where it took it
-        dw = routed.view(c, -1) @ cols.t()
+                g = g - routed[w]  # exact: leaves g where the position lost, 0 where it took it
+        dw = torch.mm(cols, routed.view(-1, c)).t()
         return None, dw[:, :-1].reshape(c, 1, k, k), dw[:, -1].contiguous()
 
 
@@ -111,8 +152,7 @@ class ConvNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """(N, 1, 28, 28) images -> (N, num_classes) logits."""
-        hooked = self.conv._forward_hooks or self.pool._forward_hooks
-        if x.device.type == "cpu" and not hooked and not torch.jit.is_tracing():
+        if _fast_path(x, self.conv, self.pool):
             h = ConvPoolReLU.apply(x, self.conv.weight, self.conv.bias)
         else:
             h = self.flatten(self.pool(self.conv(x)).relu())

@@ -18,6 +18,7 @@ from fashion_lightning.errors import UserError
 from fashion_lightning.models import ConvNet, DenseNet, keras_init_, summary
 
 SCHEDULES = ("constant", "onecycle")
+Batch = tuple[Tensor, Tensor]
 
 
 class ImageClassifier(L.LightningModule):
@@ -26,6 +27,14 @@ class ImageClassifier(L.LightningModule):
     Accuracy and sample-weighted mean loss on train/val/test come from torchmetrics, plus the best
     validation accuracy so far. Training metrics are running means over the epoch, as Keras reports them.
     Use a subclass (`CNN`, `DenseBaseline`), which saves its hyperparameters for ``load_from_checkpoint``.
+
+    Optimization is manual, one Adam step per batch. A training step may receive a list of batches (the
+    datamodule's ``batches_per_step``) and then takes one optimizer step per batch, in order: the same math as
+    one batch per step, with Lightning's per-step machinery paid once per list. ``trainer.global_step``
+    counts optimizer steps. The hot loop calls backward and the optimizer directly, so callbacks'
+    ``on_before_backward``, ``on_after_backward`` and ``on_before_optimizer_step`` hooks do not run (with a
+    gradient scaler, ``precision=16-mixed``, the full Lightning path runs instead); Lightning's
+    ``gradient_clip_val`` and ``accumulate_grad_batches`` do not apply to manual optimization.
 
     Args:
         net: the network, (N, 1, 28, 28) -> (N, 10) logits.
@@ -48,6 +57,7 @@ class ImageClassifier(L.LightningModule):
         if schedule not in SCHEDULES:
             raise UserError(f"model.schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
         self.save_hyperparameters(ignore=["net"])
+        self.automatic_optimization = False
         self.net = keras_init_(net) if keras_init else net
         n = len(CLASS_NAMES)
         self.train_acc, self.val_acc, self.test_acc = (MulticlassAccuracy(n, average="micro", validate_args=False)
@@ -91,13 +101,41 @@ class ImageClassifier(L.LightningModule):
         loss.reset()
         return value
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        loss = self._update(batch, "train")
-        interval = self.trainer.log_every_n_steps if self._trainer is not None else 0
+    def training_step(self, batch: Batch | list[Batch], batch_idx: int) -> None:
+        """One Adam step per batch: ``batch`` is one ``(images, labels)`` pair or a list of them."""
+        trainer, optimizer, scheduler = self.trainer, self.optimizers(), self.lr_schedulers()
+        batches = [batch] if isinstance(batch[0], Tensor) else batch
+        if trainer.max_steps >= 0:  # stop exactly at max_steps, inside a list if need be
+            batches = batches[: max(trainer.max_steps - trainer.global_step, 0)]
+        if not batches:
+            return
+        progress = trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
+        direct = getattr(trainer.precision_plugin, "scaler", None) is None
+        logits, losses = [], []
+        for x, y in batches:
+            out = self(x)
+            loss = F.cross_entropy(out, y)
+            if direct:  # what LightningOptimizer.step does, less the hook dispatch (the hot path)
+                optimizer.optimizer.zero_grad()
+                loss.backward()
+                progress.increment_ready()
+                optimizer.optimizer.step()
+                progress.increment_completed()
+            else:
+                optimizer.zero_grad()
+                self.manual_backward(loss)
+                optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            logits.append(out.detach())
+            losses.append(loss.detach())
+        sizes = torch.tensor([len(y) for _, y in batches], dtype=losses[0].dtype, device=losses[0].device)
+        self.train_acc.update(torch.cat(logits), torch.cat([y for _, y in batches]))
+        self.train_loss.update(torch.stack(losses), sizes)
+        interval = trainer.log_every_n_steps if len(batches) == 1 else 1
         if interval and batch_idx % interval == 0:  # running means for the progress bar, not every step
             self.log_dict({"acc": self.train_acc.compute(), "loss": self.train_loss.compute()},
                           prog_bar=True, logger=False)
-        return loss
 
     def on_train_epoch_end(self) -> None:
         self._log_epoch("train")
@@ -129,9 +167,23 @@ class ImageClassifier(L.LightningModule):
                                      weight_decay=hp.weight_decay, fused=True)
         if hp.schedule == "constant":
             return optimizer
-        total = int(self.trainer.estimated_stepping_batches)
+        total = self._total_steps()
         scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=hp.lr, total_steps=total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _total_steps(self) -> int:
+        """Optimizer steps in the whole run: every batch of every epoch, capped by ``max_steps``."""
+        trainer = self.trainer
+        if trainer.max_epochs == -1 and trainer.max_steps == -1:
+            raise UserError("model.schedule=onecycle needs a finite run: set trainer.max_epochs or trainer.max_steps")
+        trainer.estimated_stepping_batches  # noqa: B018 - loads the train loader, as Lightning does
+        loader = trainer.train_dataloader
+        per_step = getattr(loader, "batches_per_step", 1)
+        per_epoch = trainer.num_training_batches * per_step
+        if hasattr(loader, "num_batches"):
+            per_epoch = min(per_epoch, loader.num_batches)
+        total = per_epoch * max(trainer.max_epochs, 1) if trainer.max_epochs != -1 else trainer.max_steps
+        return int(min(total, trainer.max_steps) if trainer.max_steps != -1 else total)
 
     def summary(self) -> str:
         """A Keras-like table of the network's layers, output shapes and parameter counts."""

@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from fashion_lightning.callbacks import EpochTimer
 from fashion_lightning.errors import UserError, reported_as_one_line
 from fashion_lightning.module import ImageClassifier, check_compatible, read_checkpoint
+from fashion_lightning.runtime import tune_process
 
 CONFIG_DIR = str(next(p for p in (Path(__file__).parent / "conf", Path(__file__).parents[1] / "conf") if p.is_dir()))
 """The shipped configs: inside the installed package, or ``conf/`` at the top of a source checkout."""
@@ -70,6 +71,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     ``cfg`` is the composed ``train`` config; ``cfg.paths.output_dir`` is the run directory.
     """
     start = time.perf_counter()
+    tune_process()
     check_accelerator(cfg.trainer.accelerator)
     if cfg.test_ckpt not in ("best", "last"):
         raise UserError(f"test_ckpt must be best or last, got {cfg.test_ckpt!r}")

@@ -66,7 +66,8 @@ def _no_real_source(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 def quick_overrides(data_dir: Path, output_dir: Path) -> list[str]:
     """Overrides for a run of a few steps on the synthetic data, writing into ``output_dir``."""
     return [f"paths.data_dir={data_dir}", f"paths.output_dir={output_dir}", f"paths.output_root={output_dir.parent}",
-            "trainer=cpu", "trainer.max_epochs=1", "+trainer.limit_train_batches=20", "+trainer.limit_val_batches=2",
+            "trainer=cpu", "trainer.max_epochs=1", "data.batches_per_step=2", "+trainer.limit_train_batches=10",
+            "+trainer.limit_val_batches=2",
             "~callbacks.progress_bar", "+trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false",
             "data.download=false",
             "report=false"]

@@ -6,6 +6,7 @@ import gzip
 import shutil
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -232,3 +233,40 @@ def test_loader_follows_the_trainers_epoch() -> None:
     for _ in range(4):
         list(reference)
     assert torch.equal(fourth, torch.cat([y for _, y in reference]))
+
+
+def test_grouped_loader_hands_out_the_same_batches_in_lists() -> None:
+    single = [(x, y) for x, y in make_loader(shuffle=True, seed=5)]
+    grouped = make_loader(shuffle=True, seed=5, batches_per_step=4)
+    lists = list(grouped)
+    assert len(grouped) == len(lists) == 3 and grouped.num_batches == 11
+    assert [len(group) for group in lists] == [4, 4, 3]  # 103 items: 10 full batches and one of 3
+    flat = [batch for group in lists for batch in group]
+    assert len(flat) == len(single)
+    for (x, y), (gx, gy) in zip(single, flat, strict=True):
+        assert torch.equal(x, gx) and torch.equal(y, gy)
+
+
+def test_grouped_loader_resumes_after_the_last_list() -> None:
+    expected = [y for group in make_loader(shuffle=True, batches_per_step=4) for _, y in group]
+    loader = make_loader(shuffle=True, batches_per_step=4)
+    it = iter(loader)
+    head = [y for _, y in next(it)]
+    resumed = make_loader(shuffle=True, batches_per_step=4, epoch_of=lambda: 0)
+    resumed.load_state_dict(loader.state_dict())
+    rest = [y for group in resumed for _, y in group]
+    assert all(torch.equal(a, b) for a, b in zip(head + rest, expected, strict=True))
+
+
+def test_grouping_is_for_training_on_one_device_only(data_dir: Path) -> None:
+    dm = FashionMNISTDataModule(data_dir=str(data_dir), download=False, batches_per_step=8)
+    assert dm.train_dataloader().batches_per_step == 8
+    assert dm.val_dataloader().batches_per_step == dm.test_dataloader().batches_per_step == 1
+    ddp = FashionMNISTDataModule(data_dir=str(data_dir), download=False, batches_per_step=8)
+    ddp.trainer = L.Trainer(accelerator="cpu", strategy="ddp", devices=1, logger=False)
+    assert ddp.train_dataloader().batches_per_step == 1  # DDP synchronises once per forward of its wrapper
+
+
+def test_bad_batches_per_step() -> None:
+    with pytest.raises(UserError, match="data.batches_per_step must be a positive integer, got 0"):
+        FashionMNISTDataModule(batches_per_step=0)

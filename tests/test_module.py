@@ -7,6 +7,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision
 
 from fashion_lightning import CNN, DenseBaseline, FashionMNISTDataModule, UserError
 from fashion_lightning.module import check_compatible, load_model, read_checkpoint
@@ -109,3 +110,49 @@ def test_checkpoint_of_another_architecture(data_dir: Path, tmp_path: Path) -> N
         check_compatible(read_checkpoint(path), CNN(kernel_size=3), path)
     with pytest.raises(UserError, match="another architecture than the configured DenseBaseline"):
         check_compatible(read_checkpoint(path), DenseBaseline(), path)
+
+
+def fit_grouped(model: L.LightningModule, data_dir: Path, tmp_path: Path, batches_per_step: int,
+                **trainer_kwargs: object) -> L.Trainer:
+    trainer = L.Trainer(limit_val_batches=1, default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, accelerator="cpu", **trainer_kwargs)
+    trainer.fit(model, datamodule=FashionMNISTDataModule(data_dir=str(data_dir), download=False,
+                                                         batches_per_step=batches_per_step))
+    return trainer
+
+
+@pytest.mark.parametrize("cls", [CNN, DenseBaseline])
+def test_batches_per_step_is_the_same_math(cls: type, data_dir: Path, tmp_path: Path) -> None:
+    results = []
+    for per_step in (1, 7):  # 7 does not divide the 21 batches: the last list is shorter
+        torch.manual_seed(0)
+        model = cls(schedule="onecycle")
+        trainer = fit_grouped(model, data_dir, tmp_path, per_step, max_epochs=2, limit_train_batches=21 // per_step)
+        results.append((trainer.global_step, trainer.callback_metrics["train/acc"],
+                        trainer.callback_metrics["train/loss"], model.state_dict()))
+    (steps, acc, loss, weights), (steps7, acc7, loss7, weights7) = results
+    assert steps == steps7 == 42  # global_step counts optimizer steps, one per batch
+    assert torch.equal(acc, acc7) and torch.allclose(loss, loss7, rtol=1e-6)  # the mean sums in another order
+    assert all(torch.equal(weights[k], weights7[k]) for k in weights)
+
+
+def test_onecycle_runs_to_its_end_over_grouped_batches(data_dir: Path, tmp_path: Path) -> None:
+    model = CNN(schedule="onecycle", lr=0.01)
+    trainer = fit_grouped(model, data_dir, tmp_path, 4, max_epochs=2, limit_train_batches=3)
+    scheduler = trainer.lr_scheduler_configs[0].scheduler
+    assert trainer.global_step == scheduler.total_steps == scheduler.last_epoch == 24  # to its end, not cut short
+
+
+def test_max_steps_stops_inside_a_list_of_batches(data_dir: Path, tmp_path: Path) -> None:
+    trainer = fit_grouped(CNN(schedule="onecycle"), data_dir, tmp_path, 4, max_steps=10)
+    assert trainer.global_step == 10 and trainer.lr_scheduler_configs[0].scheduler.total_steps == 10
+
+
+def test_a_gradient_scaler_takes_lightnings_full_optimizer_path(data_dir: Path, tmp_path: Path) -> None:
+    scaler = torch.amp.GradScaler("cpu")
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=scaler)
+    model = DenseBaseline()
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = fit_grouped(model, data_dir, tmp_path, 5, max_steps=12, plugins=[plugin])
+    assert trainer.global_step == 12 and scaler._scale is not None  # the scaler scaled the losses
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))

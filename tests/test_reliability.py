@@ -39,7 +39,8 @@ class SignalAt(L.Callback):
 
 def run_overrides(data_dir: Path, out: Path, *extra: str) -> list[str]:
     base = [o for o in quick_overrides(data_dir, out) if "limit_train_batches" not in o and "max_epochs" not in o]
-    return [*base, "trainer.max_epochs=2", "+trainer.limit_train_batches=8", "trainer.deterministic=true",
+    return [*base, "trainer.max_epochs=2", "data.batches_per_step=3", "+trainer.limit_train_batches=8",
+            "trainer.deterministic=true",
             "test_ckpt=last", "seed=3", *extra]
 
 
@@ -64,6 +65,8 @@ def test_two_seeded_deterministic_runs_are_identical(reference: tuple[dict, Path
     keys = ("test_acc", "test_loss", "val_acc", "val_loss", "train_acc", "train_loss", "steps")
     assert {k: again[k] for k in keys} == {k: results[k] for k in keys}
     assert same_weights(final_weights(tmp_path / "again"), final_weights(run))
+    last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["global_step"] == results["steps"] == 48  # last.ckpt is the final state, improved or not
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
@@ -71,7 +74,7 @@ def test_interrupted_then_resumed_run_equals_the_uninterrupted_one(signum: int, 
                                                                    data_dir: Path, tmp_path: Path) -> None:
     results, run = reference
     stopped = tmp_path / "stopped"
-    callback = [f"+callbacks.signal._target_={__name__}.SignalAt", "+callbacks.signal.step=11",
+    callback = [f"+callbacks.signal._target_={__name__}.SignalAt", "+callbacks.signal.step=33",
                 f"+callbacks.signal.signum={int(signum)}"]
     with pytest.raises(SystemExit) as info:  # Lightning ends an interrupted fit with exit code 1
         train(compose_train(*run_overrides(data_dir, stopped), *callback))
@@ -79,7 +82,7 @@ def test_interrupted_then_resumed_run_equals_the_uninterrupted_one(signum: int, 
     assert (stopped / "checkpoints" / "interrupted.ckpt").is_file()
     assert not (stopped / "results.json").exists()  # the run says it is incomplete
     interrupted = torch.load(stopped / "checkpoints" / "interrupted.ckpt", map_location="cpu", weights_only=False)
-    assert interrupted["global_step"] == 12  # it stopped at the end of the step the signal hit
+    assert interrupted["global_step"] == 36  # it stopped at the end of the step (3 batches) the signal hit
 
     resumed = train(compose_train(*run_overrides(data_dir, tmp_path / "resumed"),
                                   f"ckpt_path={stopped / 'checkpoints' / 'interrupted.ckpt'}"))
@@ -93,7 +96,7 @@ def test_ckpt_path_last_resumes_the_newest_run(reference: tuple[dict, Path], dat
     stopped = tmp_path / "runs" / "stopped"
     with pytest.raises(SystemExit):
         train(compose_train(*run_overrides(data_dir, stopped), f"+callbacks.signal._target_={__name__}.SignalAt",
-                            "+callbacks.signal.step=5", f"+callbacks.signal.signum={int(signal.SIGINT)}"))
+                            "+callbacks.signal.step=6", f"+callbacks.signal.signum={int(signal.SIGINT)}"))
     resumed = train(compose_train(*run_overrides(data_dir, tmp_path / "runs" / "resumed"), "ckpt_path=last"))
     assert resumed["resumed_from"] == str(stopped / "checkpoints" / "interrupted.ckpt")
     assert resumed["test_acc"] == results["test_acc"] and resumed["steps"] == results["steps"]
