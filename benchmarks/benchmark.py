@@ -151,6 +151,30 @@ def spread(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} (min {min(values):.4f}, max {max(values):.4f})"
 
 
+def recipe_rows(recipe: str, runs: dict[str, list[dict]], n_train: int, whole: list[float]) -> list[dict]:
+    """The table's rows for one recipe: per path, medians of the runs' s/epoch, accuracy over the seeds."""
+    medians = {k: statistics.median(r["s_epoch"] for r in v) for k, v in runs.items() if v}
+    return [{
+        "recipe": recipe, "path": path, "s_epoch": medians[path], "img_s": n_train / medians[path],
+        "peak": max(r["peak_mib"] for r in results),
+        "test": spread([r["test_acc"] for r in results]),
+        "train": spread([r["train_acc"] for r in results if r["train_acc"] is not None]),
+        "run_s": statistics.median(r["whole_s"] for r in results) if path == "lightning" else None,
+        "cli_s": statistics.median(whole) if whole and path == "lightning" else None,
+        "ratio": medians["lightning"] / medians["plain"] if path == "lightning" and "plain" in medians else None,
+    } for path, results in runs.items() if results]
+
+
+def markdown(rows: list[dict], title: str) -> str:
+    header = ("| recipe | path | s/epoch (median) | images/s | peak MiB | test acc (mean, min-max) | "
+              "final-epoch train acc | train() s | whole CLI run s | Lightning / plain |\n"
+              "|---|---|---:|---:|---:|---|---|---:|---:|---:|\n")
+    lines = [f"| {r['recipe']} | {r['path']} | {r['s_epoch']:.2f} | {r['img_s']:,.0f} | {r['peak']:,.0f} | "
+             f"{r['test']} | {r['train']} | {fmt(r['run_s'], '.1f')} | {fmt(r['cli_s'], '.1f')} | "
+             f"{fmt(r['ratio'], '.3f')} |" for r in rows]
+    return f"{title}\n\n{header}" + "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipes", default=",".join(RECIPES), help=f"comma-separated, of {', '.join(RECIPES)}")
@@ -163,8 +187,12 @@ def main() -> None:
     args = parser.parse_args()
     tune_process()  # train() applies it too; here it holds for the plain loop whichever runs first
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or 'CPU'}"
+    title = (f"Device: {args.device} ({device_name}), torch {torch.__version__}, {os.cpu_count()} CPUs, "
+             f"seeds {args.seeds}, {time.strftime('%Y-%m-%d')}")
     seeds = [int(s) for s in args.seeds.split(",")]
-    rows = []
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         for recipe in args.recipes.split(","):
             runs: dict[str, list[dict]] = {"lightning": [], "plain": []}
@@ -175,34 +203,11 @@ def main() -> None:
                     runs["plain"].append(plain_run(cfg, args.device))
                 print(recipe, seed, {k: v[-1] for k, v in runs.items() if v}, flush=True)
             n_train = 60_000 - cfg.data.val_split if cfg.data.val_split else 60_000
-            medians = {k: statistics.median(r["s_epoch"] for r in v) for k, v in runs.items() if v}
             whole = [cli_wall_time(recipe, args, Path(tmp) / "cli") for _ in range(args.cli_runs)] \
                 if recipe == "seed_cnn" else []
-            for path, results in runs.items():
-                if not results:
-                    continue
-                rows.append({
-                    "recipe": recipe, "path": path, "s_epoch": medians[path], "img_s": n_train / medians[path],
-                    "peak": max(r["peak_mib"] for r in results),
-                    "test": spread([r["test_acc"] for r in results]),
-                    "train": spread([r["train_acc"] for r in results if r["train_acc"] is not None]),
-                    "run_s": statistics.median(r["whole_s"] for r in results) if path == "lightning" else None,
-                    "cli_s": statistics.median(whole) if whole and path == "lightning" else None,
-                    "ratio": medians["lightning"] / medians["plain"] if path == "lightning" and "plain" in medians
-                    else None,
-                })
-    header = (f"Device: {args.device} ({device_name}), torch {torch.__version__}, {os.cpu_count()} CPUs, "
-              f"seeds {args.seeds}, {time.strftime('%Y-%m-%d')}\n\n"
-              "| recipe | path | s/epoch (median) | images/s | peak MiB | test acc (mean, min-max) | "
-              "final-epoch train acc | train() s | whole CLI run s | Lightning / plain |\n"
-              "|---|---|---:|---:|---:|---|---|---:|---:|---:|\n")
-    lines = [f"| {r['recipe']} | {r['path']} | {r['s_epoch']:.2f} | {r['img_s']:,.0f} | {r['peak']:,.0f} | "
-             f"{r['test']} | {r['train']} | {fmt(r['run_s'], '.1f')} | {fmt(r['cli_s'], '.1f')} | "
-             f"{fmt(r['ratio'], '.3f')} |" for r in rows]
-    table = header + "\n".join(lines) + "\n"
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(table)
-    print(table)
+            rows += recipe_rows(recipe, runs, n_train, whole)
+            out.write_text(markdown(rows, title))  # after each recipe: a cut-short run keeps what it measured
+    print(markdown(rows, title))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@
 Prints the median milliseconds per training step (forward, backward, fused Adam) and per 1,000-image
 inference batch of ``ConvNet`` as it runs on a CPU (``ConvPoolReLU``) and of the same network through
 ``nn.Conv2d``, ``nn.MaxPool2d`` and ReLU, alternating the two so that machine noise hits both alike.
-Synthetic batches: the cost does not depend on pixel values.
+Synthetic batches: the cost does not depend on pixel values. ``tune_process()`` is applied, as in training.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from fashion_lightning import ConvNet, keras_init_
+from fashion_lightning.runtime import tune_process
 
 
 def standard_forward(net: ConvNet, x: torch.Tensor) -> torch.Tensor:
@@ -49,6 +50,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
+    tune_process()
     torch.manual_seed(0)
     batches = [(torch.rand(args.batch_size, 1, 28, 28) * (torch.rand(args.batch_size, 1, 28, 28) > 0.5),
                 torch.randint(0, 10, (args.batch_size,))) for _ in range(args.steps)]
@@ -67,7 +69,6 @@ def main() -> None:
         for name, ms in medians.items():
             print(f"{what:>9} {name:>16}: {ms:.3f} {unit}, median of {args.repeats}")
         print(f"{what:>9} speed-up: {medians['standard modules'] / medians['fused']:.2f}x")
-
 
 if __name__ == "__main__":
     main()

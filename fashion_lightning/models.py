@@ -27,47 +27,16 @@ class DenseNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """(N, 1, 28, 28) images -> (N, num_classes) logits."""
-        if _fast_path(x, self.row1, self.row2, self.flatten, self.out):
-            return RowMLP.apply(x, self.row1.weight, self.row1.bias, self.row2.weight, self.row2.bias,
-                                self.out.weight, self.out.bias)
         h = self.row2(self.row1(x.view(-1, 28, 28)).relu()).relu()
         return self.out(self.flatten(h))
 
 
 def _fast_path(x: Tensor, *modules: nn.Module) -> bool:
-    """Whether a fused function may stand in for ``modules``: on a CPU, not traced, no hook watching them."""
+    """Whether a fused function may stand in for ``modules``: on a CPU, eager (not traced for export, not
+    compiled: the compiler fuses the standard modules itself), no hook watching them."""
     hooked = any(m._forward_hooks or m._forward_pre_hooks for m in modules)
-    return x.device.type == "cpu" and not hooked and not torch.jit.is_tracing()
-
-
-class RowMLP(torch.autograd.Function):
-    """The dense baseline's function, ``out(flatten(relu(row2(relu(row1(rows))))))``, as one autograd node.
-
-    The same GEMMs, bias additions and ReLU masks as the modules, with a hand-written backward: one node
-    instead of a dozen, which at batch 32 on a CPU is a large part of the step (``benchmarks/fused_layer.py``).
-    """
-
-    @staticmethod
-    @torch.amp.custom_fwd(device_type="cpu", cast_inputs=torch.float32)
-    def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor,
-                b2: Tensor, w3: Tensor, b3: Tensor) -> Tensor:
-        n, width = x.shape[0], x.shape[-1]
-        rows = x.reshape(-1, width)
-        h1 = torch.addmm(b1, rows, w1.t()).relu_()
-        h2 = torch.addmm(b2, h1, w2.t()).relu_()
-        ctx.save_for_backward(rows, h1, h2, w1, w2, w3)
-        ctx.input_shape = x.shape
-        return torch.addmm(b3, h2.view(n, -1), w3.t())
-
-    @staticmethod
-    @torch.amp.custom_bwd(device_type="cpu")
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
-        rows, h1, h2, w1, w2, w3 = ctx.saved_tensors
-        g2 = torch.ops.aten.threshold_backward(torch.mm(grad, w3).view_as(h2), h2, 0)
-        g1 = torch.ops.aten.threshold_backward(torch.mm(g2, w2), h1, 0)
-        dx = torch.mm(g1, w1).view(ctx.input_shape) if ctx.needs_input_grad[0] else None
-        return (dx, torch.mm(g1.t(), rows), g1.sum(0), torch.mm(g2.t(), h1), g2.sum(0),
-                torch.mm(grad.t(), h2.view(grad.shape[0], -1)), grad.sum(0))
+    traced = torch.jit.is_tracing() or torch.compiler.is_compiling()
+    return x.device.type == "cpu" and not hooked and not traced
 
 
 def _patches(x: Tensor, k: int) -> Tensor:
