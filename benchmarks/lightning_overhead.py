@@ -1,13 +1,14 @@
 """Where Lightning's per-step time goes, and what ``data.batches_per_step`` buys back.
 
-    python benchmarks/lightning_overhead.py [--model cnn|dense] [--steps 1600] [--repeats 3] [--data-dir data]
+    python benchmarks/lightning_overhead.py [--model cnn|dense] [--steps 1920] [--repeats 3] [--per-step 64]
+                                            [--data-dir data]
 
 Each variant takes ``--steps`` Adam steps of batch 32 on the same network (same init, same batches from the
 same in-memory tensors), and the script prints the median ms per optimizer step over the repeats, the
 variants interleaved so that machine drift hits them alike: the plain loop; Lightning with a bare trainer
 (no progress bar, logger or callbacks); Lightning with the app's progress bar, CSV logger and checkpoint,
 interrupt and timer callbacks. The Lightning variants run once with one batch per training step and once
-with 32 (``data.batches_per_step``, the app's default). ``tune_process()`` is applied to all of them.
+with ``--per-step`` (``data.batches_per_step``). ``tune_process()`` is applied to all of them.
 """
 
 from __future__ import annotations
@@ -66,8 +67,9 @@ def lightning(cls: type, dm: FashionMNISTDataModule, steps: int, per_step: int, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(MODELS), default="cnn")
-    parser.add_argument("--steps", type=int, default=1600, help="optimizer steps per variant (a multiple of 32)")
+    parser.add_argument("--steps", type=int, default=1920, help="Adam steps per variant, a multiple of --per-step")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--per-step", type=int, default=64, help="batches per training step, the grouped variants")
     parser.add_argument("--data-dir", default="data")
     args = parser.parse_args()
     tune_process()
@@ -76,7 +78,7 @@ def main() -> None:
     dm.prepare_data()
     dm.setup()
     variants = {"plain loop": lambda out: plain(cls, dm, args.steps)}
-    for per_step in (1, 32):
+    for per_step in (1, args.per_step):
         variants[f"Lightning, bare trainer, {per_step} batch/step"] = \
             lambda out, k=per_step: lightning(cls, dm, args.steps, k, out, app=False)
         variants[f"Lightning, the app's bar/logger/callbacks, {per_step} batch/step"] = \
