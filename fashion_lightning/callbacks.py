@@ -12,6 +12,8 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 
+from fashion_lightning.data import batches_in_steps
+
 
 class SaveOnInterrupt(Callback):
     """Nothing lost on Ctrl-C, SIGTERM or a crash: ``<dirpath>/interrupted.ckpt`` holds where training stood.
@@ -82,18 +84,14 @@ class BatchProgressBar(TQDMProgressBar):
     tutorial's ``1875/1875`` per epoch and a rate in batches per second. ``refresh_rate`` counts steps.
     """
 
-    def _per_step(self) -> int:
-        return getattr(self.trainer.train_dataloader, "batches_per_step", 1)
-
     @property
     def total_train_batches(self) -> int | float:
-        total = super().total_train_batches * self._per_step()
-        return min(total, getattr(self.trainer.train_dataloader, "num_batches", total))
+        return batches_in_steps(self.trainer.train_dataloader, super().total_train_batches)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         bar = self.train_progress_bar
         if bar is not None and not bar.disable and self._should_update(batch_idx + 1, trainer.num_training_batches):
-            bar.n = min((batch_idx + 1) * self._per_step(), bar.total)
+            bar.n = batches_in_steps(trainer.train_dataloader, batch_idx + 1)
             bar.refresh()
             bar.set_postfix(self.get_metrics(trainer, pl_module))

@@ -223,6 +223,14 @@ class BatchLoader:
         self._resume = dict(state)
 
 
+def batches_in_steps(loader: object, steps: int | float) -> int | float:
+    """The batches an epoch's first ``steps`` training steps take from ``loader``: ``batches_per_step`` a step
+    for a `BatchLoader` (its last step of an epoch may take fewer), one a step for any other loader."""
+    if not isinstance(loader, BatchLoader):
+        return steps
+    return min(steps * loader.batches_per_step, loader.num_batches)
+
+
 class FashionMNISTDataModule(L.LightningDataModule):
     """Fashion-MNIST with validation carved from the 60k training images; the 10k test set stays untouched.
 

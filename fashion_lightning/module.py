@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from fashion_lightning.data import CLASS_NAMES
+from fashion_lightning.data import CLASS_NAMES, batches_in_steps
 from fashion_lightning.errors import UserError
 from fashion_lightning.models import ConvNet, DenseNet, keras_init_, summary
 
@@ -177,11 +177,7 @@ class ImageClassifier(L.LightningModule):
         if trainer.max_epochs == -1 and trainer.max_steps == -1:
             raise UserError("model.schedule=onecycle needs a finite run: set trainer.max_epochs or trainer.max_steps")
         trainer.estimated_stepping_batches  # noqa: B018 - loads the train loader, as Lightning does
-        loader = trainer.train_dataloader
-        per_step = getattr(loader, "batches_per_step", 1)
-        per_epoch = trainer.num_training_batches * per_step
-        if hasattr(loader, "num_batches"):
-            per_epoch = min(per_epoch, loader.num_batches)
+        per_epoch = batches_in_steps(trainer.train_dataloader, trainer.num_training_batches)
         total = per_epoch * max(trainer.max_epochs, 1) if trainer.max_epochs != -1 else trainer.max_steps
         return int(min(total, trainer.max_steps) if trainer.max_steps != -1 else total)
 
