@@ -46,7 +46,7 @@ def plain(cls: type, dm: FashionMNISTDataModule, steps: int) -> float:
     return (time.perf_counter() - start) / steps * 1e3
 
 
-def lightning(cls: type, dm: FashionMNISTDataModule, steps: int, per_step: int, out: str, app: bool) -> float:
+def lightning(cls: type, dm: FashionMNISTDataModule, steps: int, out: str, app: bool) -> float:
     torch.manual_seed(0)
     timer = EpochTimer()
     extra: list[L.Callback] = [timer]
@@ -54,12 +54,10 @@ def lightning(cls: type, dm: FashionMNISTDataModule, steps: int, per_step: int, 
         extra += [BatchProgressBar(), SaveOnInterrupt(out),
                   ModelCheckpoint(dirpath=out, filename="best", monitor="val/acc", mode="max"),
                   ModelCheckpoint(dirpath=out, filename="last", enable_version_counter=False)]
-    trainer = L.Trainer(max_epochs=1, limit_train_batches=steps // per_step, limit_val_batches=1, accelerator="cpu",
-                        enable_progress_bar=app, enable_model_summary=False, enable_checkpointing=app,
-                        logger=CSVLogger(out, name="logs") if app else False, callbacks=extra,
-                        num_sanity_val_steps=0)
-    dm.hparams.batches_per_step = per_step
-    dm._loaders.clear()
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=steps // dm.hparams.batches_per_step, limit_val_batches=1,
+                        accelerator="cpu", enable_progress_bar=app, enable_model_summary=False,
+                        enable_checkpointing=app, logger=CSVLogger(out, name="logs") if app else False,
+                        callbacks=extra, num_sanity_val_steps=0)
     trainer.fit(cls(keras_init=True), datamodule=dm)
     return timer.times[0] / trainer.global_step * 1e3
 
@@ -74,15 +72,16 @@ def main() -> None:
     args = parser.parse_args()
     tune_process()
     cls = MODELS[args.model]
-    dm = FashionMNISTDataModule(data_dir=args.data_dir)
-    dm.prepare_data()
-    dm.setup()
-    variants = {"plain loop": lambda out: plain(cls, dm, args.steps)}
-    for per_step in (1, args.per_step):
+    dms = {k: FashionMNISTDataModule(data_dir=args.data_dir, batches_per_step=k) for k in (1, args.per_step)}
+    for dm in dms.values():
+        dm.prepare_data()
+        dm.setup()
+    variants = {"plain loop": lambda out: plain(cls, dms[1], args.steps)}
+    for per_step, dm in dms.items():
         variants[f"Lightning, bare trainer, {per_step} batch/step"] = \
-            lambda out, k=per_step: lightning(cls, dm, args.steps, k, out, app=False)
+            lambda out, dm=dm: lightning(cls, dm, args.steps, out, app=False)
         variants[f"Lightning, the app's bar/logger/callbacks, {per_step} batch/step"] = \
-            lambda out, k=per_step: lightning(cls, dm, args.steps, k, out, app=True)
+            lambda out, dm=dm: lightning(cls, dm, args.steps, out, app=True)
     times: dict[str, list[float]] = {name: [] for name in variants}
     with tempfile.TemporaryDirectory() as out:
         for _ in range(args.repeats):

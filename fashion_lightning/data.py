@@ -300,18 +300,18 @@ class FashionMNISTDataModule(L.LightningDataModule):
         trainer = self.trainer
         device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        train = split == "train"
         single = trainer is None or isinstance(trainer.strategy, SingleDeviceStrategy)
-        key = f"{split}:{device}:{rank}/{world}"
+        per_step = self.hparams.batches_per_step if train and single else 1
+        key = f"{split}:{device}:{rank}/{world}:{per_step}"
         if key not in self._loaders:
             self.setup()
             images, labels = (t.to(device) for t in getattr(self, f"{split}_set"))
             hp = self.hparams
-            train = split == "train"
             self._loaders[key] = BatchLoader(
                 images, labels, hp.batch_size if train else hp.eval_batch_size, shuffle=train, seed=hp.seed,
-                scale=hp.scale, rank=rank, world_size=world,
-                batches_per_step=hp.batches_per_step if train and single else 1,
-                epoch_of=(lambda: trainer.current_epoch) if train and trainer is not None else None)
+                scale=hp.scale, rank=rank, world_size=world, batches_per_step=per_step,
+                epoch_of=(lambda: self.trainer.current_epoch) if train and trainer is not None else None)
         return self._loaders[key]
 
     def train_dataloader(self) -> BatchLoader:

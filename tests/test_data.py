@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import N_TEST, N_TRAIN, write_idx
-from fashion_lightning import CLASS_NAMES, BatchLoader, FashionMNISTDataModule, UserError
+from fashion_lightning import CLASS_NAMES, BatchLoader, DenseBaseline, FashionMNISTDataModule, UserError
 from fashion_lightning.data import ensure_raw_files
 
 RAW = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -270,3 +270,13 @@ def test_grouping_is_for_training_on_one_device_only(data_dir: Path) -> None:
 def test_bad_batches_per_step() -> None:
     with pytest.raises(UserError, match="data.batches_per_step must be a positive integer, got 0"):
         FashionMNISTDataModule(batches_per_step=0)
+
+
+def test_a_datamodule_reused_by_a_new_trainer_starts_at_its_epoch_0(data_dir: Path, tmp_path: Path) -> None:
+    dm = FashionMNISTDataModule(data_dir=str(data_dir), download=False)
+    for epochs in (2, 1):
+        trainer = L.Trainer(max_epochs=epochs, limit_train_batches=2, limit_val_batches=1, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                            accelerator="cpu", default_root_dir=tmp_path)
+        trainer.fit(DenseBaseline(), datamodule=dm)
+    assert dm.train_dataloader().state_dict()["epoch"] == 0  # the order of the second trainer's first epoch
