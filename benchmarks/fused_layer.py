@@ -1,11 +1,16 @@
-"""Does the fused conv-pool-ReLU pay? The CNN fused vs through the standard modules, same weights and batches.
+"""Do the fused layers pay? Each network as it runs on a CPU against the same network through the standard
+modules, with the same weights and batches.
 
-    python benchmarks/fused_layer.py [--batch-size 32] [--steps 300] [--repeats 5]
+    python benchmarks/fused_layer.py [--model cnn|dense] [--batch-size 32] [--steps 300] [--repeats 5]
 
 Prints the median milliseconds per training step (forward, backward, fused Adam) and per 1,000-image
-inference batch of ``ConvNet`` as it runs on a CPU (``ConvPoolReLU``) and of the same network through
-``nn.Conv2d``, ``nn.MaxPool2d`` and ReLU, alternating the two so that machine noise hits both alike.
-Synthetic batches: the cost does not depend on pixel values. ``tune_process()`` is applied, as in training.
+inference batch, the variants alternating so that machine noise hits them alike:
+- ``as it runs``: the network's own forward, i.e. ``ConvPoolReLU`` (CNN) and ``LinearReLU`` (every
+  Linear followed by a ReLU, on oneDNN);
+- for the CNN, ``ConvPoolReLU only``: the dense layers through ``nn.Linear`` (MKL) + ReLU;
+- ``standard modules``: ``nn.Conv2d``, ``nn.MaxPool2d``, ``nn.Linear`` and ReLU.
+Synthetic batches (raw 0-255 pixels for the dense net, as ``seed_dense`` trains): the cost does not depend
+on pixel values. ``tune_process()`` is applied, as in training.
 """
 
 from __future__ import annotations
@@ -13,19 +18,37 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
-from fashion_lightning import ConvNet, keras_init_
+from fashion_lightning import ConvNet, DenseNet, keras_init_
+from fashion_lightning.models import ConvPoolReLU
 from fashion_lightning.runtime import tune_process
 
-
-def standard_forward(net: ConvNet, x: torch.Tensor) -> torch.Tensor:
-    return net.out(net.fc(net.flatten(net.pool(net.conv(x)).relu())).relu())
+Forward = Callable[[Tensor], Tensor]
 
 
-def time_steps(net: ConvNet, forward, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+def cnn_variants(net: ConvNet) -> dict[str, Forward]:
+    def conv_only(x: Tensor) -> Tensor:
+        return net.out(net.fc(ConvPoolReLU.apply(x, net.conv.weight, net.conv.bias)).relu())
+
+    def standard(x: Tensor) -> Tensor:
+        return net.out(net.fc(net.flatten(net.pool(net.conv(x)).relu())).relu())
+
+    return {"as it runs": net, "ConvPoolReLU only": conv_only, "standard modules": standard}
+
+
+def dense_variants(net: DenseNet) -> dict[str, Forward]:
+    def standard(x: Tensor) -> Tensor:
+        return net.out(net.flatten(net.row2(net.row1(x.view(-1, 28, 28)).relu()).relu()))
+
+    return {"as it runs": net, "standard modules": standard}
+
+
+def time_steps(net: torch.nn.Module, forward: Forward, batches: list[tuple[Tensor, Tensor]]) -> float:
     optimizer = torch.optim.Adam(net.parameters(), fused=True)
     start = time.perf_counter()
     for x, y in batches:
@@ -36,7 +59,7 @@ def time_steps(net: ConvNet, forward, batches: list[tuple[torch.Tensor, torch.Te
     return (time.perf_counter() - start) / len(batches) * 1e3
 
 
-def time_inference(forward, images: torch.Tensor, repeats: int = 10) -> float:
+def time_inference(forward: Forward, images: Tensor, repeats: int = 10) -> float:
     with torch.no_grad():
         start = time.perf_counter()
         for _ in range(repeats):
@@ -46,29 +69,35 @@ def time_inference(forward, images: torch.Tensor, repeats: int = 10) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["cnn", "dense"], default="cnn")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     tune_process()
     torch.manual_seed(0)
-    batches = [(torch.rand(args.batch_size, 1, 28, 28) * (torch.rand(args.batch_size, 1, 28, 28) > 0.5),
+    scale = 255.0 if args.model == "dense" else 1.0
+    batches = [(scale * torch.rand(args.batch_size, 1, 28, 28) * (torch.rand(args.batch_size, 1, 28, 28) > 0.5),
                 torch.randint(0, 10, (args.batch_size,))) for _ in range(args.steps)]
-    images = torch.rand(1000, 1, 28, 28)
-    train: dict[str, list[float]] = {"fused": [], "standard modules": []}
-    infer: dict[str, list[float]] = {"fused": [], "standard modules": []}
+    images = scale * torch.rand(1000, 1, 28, 28)
+    cls, variants = (ConvNet, cnn_variants) if args.model == "cnn" else (DenseNet, dense_variants)
+    names = list(variants(cls()))
+    train: dict[str, list[float]] = {name: [] for name in names}
+    infer: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(args.repeats + 1):  # the first round warms up and is dropped
-        for name in train:
-            net = keras_init_(ConvNet())
-            forward = net if name == "fused" else (lambda x, n=net: standard_forward(n, x))
+        for name in names:
+            net = keras_init_(cls())
+            forward = variants(net)[name]
             train[name].append(time_steps(net, forward, batches))
             infer[name].append(time_inference(forward, images))
     for what, times, unit in (("training", train, f"ms/step (batch {args.batch_size})"),
                               ("inference", infer, "ms per 1,000 images")):
         medians = {name: statistics.median(t[1:]) for name, t in times.items()}
         for name, ms in medians.items():
-            print(f"{what:>9} {name:>16}: {ms:.3f} {unit}, median of {args.repeats}")
-        print(f"{what:>9} speed-up: {medians['standard modules'] / medians['fused']:.2f}x")
+            speedup = medians["standard modules"] / ms
+            print(f"{args.model} {what:>9} {name:>18}: {ms:7.3f} {unit}, {speedup:.2f}x the standard modules,"
+                  f" median of {args.repeats}")
+
 
 if __name__ == "__main__":
     main()

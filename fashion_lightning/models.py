@@ -27,7 +27,7 @@ class DenseNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """(N, 1, 28, 28) images -> (N, num_classes) logits."""
-        h = self.row2(self.row1(x.view(-1, 28, 28)).relu()).relu()
+        h = linear_relu(self.row2, linear_relu(self.row1, x.view(-1, 28, 28)))
         return self.out(self.flatten(h))
 
 
@@ -37,6 +37,51 @@ def _fast_path(x: Tensor, *modules: nn.Module) -> bool:
     hooked = any(m._forward_hooks or m._forward_pre_hooks for m in modules)
     traced = torch.jit.is_tracing() or torch.compiler.is_compiling()
     return x.device.type == "cpu" and not hooked and not traced
+
+
+def _onednn_linear() -> bool:
+    """Whether this torch has oneDNN's fused linear op (CPU builds with MKLDNN, which all x86/ARM wheels are)."""
+    try:
+        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+_ONEDNN_LINEAR = _onednn_linear()
+
+
+class LinearReLU(torch.autograd.Function):
+    """relu(x @ weight.T + bias) for 2-D float32 CPU input, forward and input gradient each as one oneDNN call.
+
+    The same function and gradients as ``nn.Linear`` + ReLU. torch's float32 CPU matmuls run in MKL, which takes
+    AVX2 code on AMD CPUs; oneDNN's kernels use AVX-512 wherever the CPU has it, and the ReLU rides on the
+    forward GEMM. The weight gradient (a reduction over the batch, whose transposed operands oneDNN would copy)
+    stays with ``torch.mm``.
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        y = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "relu", [], "")
+        ctx.save_for_backward(x, weight, y)
+        return y
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor | None, Tensor, Tensor]:
+        x, weight, y = ctx.saved_tensors
+        g = torch.ops.aten.threshold_backward(grad, y, 0)  # ReLU's own backward: no gradient where y == 0
+        gx = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.ops.mkldnn._linear_pointwise(g, weight.t(), None, "none", [], "")
+        return gx, torch.mm(g.t(), x), g.sum(0)
+
+
+def linear_relu(layer: nn.Linear, x: Tensor) -> Tensor:
+    """``layer(x).relu()``, as one `LinearReLU` when eager float32 on a CPU with oneDNN (see `_fast_path`)."""
+    if (_ONEDNN_LINEAR and x.dtype == layer.weight.dtype == torch.float32 and layer.bias is not None
+            and not torch.is_autocast_enabled("cpu") and _fast_path(x, layer)):
+        y = LinearReLU.apply(x.reshape(-1, x.shape[-1]), layer.weight, layer.bias)
+        return y.view(*x.shape[:-1], y.shape[-1])
+    return layer(x).relu()
 
 
 def _patches(x: Tensor, k: int) -> Tensor:
@@ -125,7 +170,7 @@ class ConvNet(nn.Module):
             h = ConvPoolReLU.apply(x, self.conv.weight, self.conv.bias)
         else:
             h = self.flatten(self.pool(self.conv(x)).relu())
-        return self.out(self.fc(h).relu())
+        return self.out(linear_relu(self.fc, h))
 
 
 def keras_init_(net: nn.Module) -> nn.Module:

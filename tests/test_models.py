@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from fashion_lightning import ConvNet, DenseNet, UserError, keras_init_, summary
+from fashion_lightning.models import linear_relu
 
 
 def reference_cnn(net: ConvNet, x: torch.Tensor) -> torch.Tensor:
@@ -24,11 +26,76 @@ def test_dense_baseline_has_the_tutorials_29898_parameters() -> None:
     assert net(torch.rand(5, 1, 28, 28)).shape == (5, 10)
 
 
-def test_dense_applies_the_first_layers_to_each_row() -> None:
-    net = DenseNet()
-    x = torch.rand(2, 1, 28, 28)
+def reference_dense(net: DenseNet, x: torch.Tensor) -> torch.Tensor:
+    """The dense net as the tutorial writes it: Dense(128, relu) and Dense(64, relu) on each row, flatten, Dense(10)."""
     rows = F.relu(net.row2(F.relu(net.row1(x[:, 0]))))
-    assert torch.allclose(net(x), net.out(rows.reshape(2, 28 * 64)))
+    return net.out(rows.reshape(len(x), 28 * 64))
+
+
+def logits_and_grads(net: torch.nn.Module, forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                     y: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``forward``'s logits and the cross-entropy gradients it leaves on ``net``'s parameters."""
+    net.zero_grad()
+    logits = forward(x)
+    F.cross_entropy(logits, y).backward()
+    return logits.detach(), [p.grad.clone() for p in net.parameters()]
+
+
+def test_dense_applies_the_first_layers_to_each_row() -> None:
+    torch.manual_seed(0)
+    net = keras_init_(DenseNet())  # zero biases: black rows give exact-zero pre-activations (ReLU ties)
+    x, y = tie_heavy_images(16) * 255, torch.randint(0, 10, (16,))  # raw pixels, as seed_dense trains
+    (out_fast, g_fast), (out_ref, g_ref) = (logits_and_grads(net, forward, x, y)
+                                            for forward in (net, lambda inputs: reference_dense(net, inputs)))
+    assert torch.allclose(out_fast, out_ref, rtol=1e-5, atol=1e-3)
+    for a, b in zip(g_fast, g_ref, strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def graph_ops(t: torch.Tensor) -> set[str]:
+    """The names of the autograd nodes behind ``t``."""
+    seen, todo = set(), [t.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and type(node).__name__ not in seen:
+            seen.add(type(node).__name__)
+            todo += [n for n, _ in node.next_functions]
+    return seen
+
+
+@pytest.mark.parametrize("shape", [(7, 28), (3, 28, 28)])
+def test_linear_relu_matches_linear_then_relu(shape: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(28, 16)
+    with torch.no_grad():
+        layer.bias[:4] = 0.0  # with the zero rows of x below: exact zeros, where ReLU passes no gradient
+    x = torch.randn(shape)
+    x[..., :2, :] = 0.0
+    grads = []
+    for forward in (lambda inputs: linear_relu(layer, inputs), lambda inputs: layer(inputs).relu()):
+        xi = x.clone().requires_grad_()
+        layer.zero_grad()
+        y = forward(xi)
+        (y * torch.linspace(-1, 1, y.numel()).view(y.shape)).sum().backward()
+        grads.append((y.detach(), xi.grad, layer.weight.grad.clone(), layer.bias.grad.clone(), graph_ops(y)))
+    fast, ref = grads
+    assert "LinearReLUBackward" in fast[-1] and "LinearReLUBackward" not in ref[-1]
+    assert fast[0].shape == (*shape[:-1], 16)
+    for a, b in zip(fast[:-1], ref[:-1], strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_linear_relu_takes_the_standard_modules_where_onednn_does_not_apply() -> None:
+    layer = torch.nn.Linear(28, 16)
+    x = torch.rand(5, 28, requires_grad=True)
+    assert "LinearReLUBackward" in graph_ops(linear_relu(layer, x))
+    assert "LinearReLUBackward" not in graph_ops(linear_relu(layer.double(), x.double()))
+    layer.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast runs the layer in bf16, as it would unfused
+        y = linear_relu(layer, x)
+    assert y.dtype == torch.bfloat16 and "LinearReLUBackward" not in graph_ops(y)
+    layer.register_forward_hook(lambda *_: None)  # a hook (e.g. summary's) sees the module run
+    assert "LinearReLUBackward" not in graph_ops(linear_relu(layer, x))
 
 
 def test_cnn_has_the_tutorials_804554_parameters() -> None:
@@ -71,13 +138,8 @@ def test_fused_cnn_matches_the_tutorial_formulation(k: int, keras: bool) -> None
     if keras:
         keras_init_(net)  # zero conv biases: exact zeros (ReLU ties) wherever a patch is black
     x, y = tie_heavy_images(48), torch.randint(0, 10, (48,))
-    results = []
-    for forward in (net, lambda inputs: reference_cnn(net, inputs)):
-        net.zero_grad()
-        logits = forward(x)
-        F.cross_entropy(logits, y).backward()
-        results.append((logits.detach(), [p.grad.clone() for p in net.parameters()]))
-    (out_fast, g_fast), (out_ref, g_ref) = results
+    (out_fast, g_fast), (out_ref, g_ref) = (logits_and_grads(net, forward, x, y)
+                                            for forward in (net, lambda inputs: reference_cnn(net, inputs)))
     assert torch.allclose(out_fast, out_ref, atol=1e-5)
     for a, b in zip(g_fast, g_ref, strict=True):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
