@@ -1,6 +1,6 @@
 """Where Lightning's per-step time goes, and what ``data.batches_per_step`` buys back.
 
-    python benchmarks/lightning_overhead.py [--model cnn|dense] [--steps 1920] [--repeats 3] [--per-step 64]
+    python benchmarks/lightning_overhead.py [--model cnn|dense] [--steps 1536] [--repeats 3] [--per-step 64]
                                             [--data-dir data]
 
 Each variant takes ``--steps`` Adam steps of batch 32 on the same network (same init, same batches from the
@@ -65,7 +65,8 @@ def lightning(cls: type, dm: FashionMNISTDataModule, steps: int, out: str, app: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(MODELS), default="cnn")
-    parser.add_argument("--steps", type=int, default=1920, help="Adam steps per variant, a multiple of --per-step")
+    parser.add_argument("--steps", type=int, default=1536,
+                        help="Adam steps per variant: a multiple of --per-step, within one epoch (1718 batches)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--per-step", type=int, default=64, help="batches per training step, the grouped variants")
     parser.add_argument("--data-dir", default="data")
@@ -76,6 +77,10 @@ def main() -> None:
     for dm in dms.values():
         dm.prepare_data()
         dm.setup()
+    epoch = len(dms[1].train_set[0]) // 32
+    if not 0 < args.steps <= epoch or args.steps % args.per_step:
+        parser.error(f"--steps must be a positive multiple of --per-step ({args.per_step}) up to one epoch's "
+                     f"{epoch} batches, got {args.steps}")
     variants = {"plain loop": lambda out: plain(cls, dms[1], args.steps)}
     for per_step, dm in dms.items():
         variants[f"Lightning, bare trainer, {per_step} batch/step"] = \

@@ -13,7 +13,7 @@ class DenseNet(nn.Module):
     """The dense baseline: Dense(128, relu) and Dense(64, relu) on each of the 28 image rows, flatten, Dense(10).
 
     Keras applies ``Dense`` to the last axis of a (28, 28) image, i.e. to every row; so does ``nn.Linear``.
-    29,898 parameters with the defaults.
+    29,898 parameters with the defaults. Each row layer and its ReLU run through `linear_relu`.
     """
 
     def __init__(self, hidden1: int = 128, hidden2: int = 64, num_classes: int = 10) -> None:
@@ -148,9 +148,9 @@ class ConvNet(nn.Module):
     Any kernel size keeps the 28x28 map ('same' padding, asymmetric for even k exactly as in Keras), so the
     flatten size is ``filters * 14 * 14`` (6272). 804,554 parameters with the defaults.
 
-    On a CPU, conv, pool and ReLU run as one `ConvPoolReLU` (the same function and gradients, measured by
-    ``benchmarks/fused_layer.py``); on a GPU, while traced for export, or when a forward hook watches the conv
-    or pool module, the standard modules run (max-pool first: pool and ReLU commute).
+    On a CPU, conv, pool and ReLU run as one `ConvPoolReLU`, and fc with its ReLU as one `LinearReLU` (the same
+    functions and gradients, measured by ``benchmarks/fused_layer.py``); on a GPU, while traced for export, or
+    when a forward hook watches a module, the standard modules run (max-pool first: pool and ReLU commute).
     """
 
     def __init__(self, filters: int = 32, kernel_size: int = 3, hidden: int = 128, num_classes: int = 10) -> None:
