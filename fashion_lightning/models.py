@@ -66,13 +66,12 @@ class LinearReLU(torch.autograd.Function):
         return y
 
     @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor | None, Tensor, Tensor]:
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, weight, y = ctx.saved_tensors
         g = torch.ops.aten.threshold_backward(grad, y, 0)  # ReLU's own backward: no gradient where y == 0
-        gx = None
-        if ctx.needs_input_grad[0]:
-            gx = torch.ops.mkldnn._linear_pointwise(g, weight.t(), None, "none", [], "")
-        return gx, torch.mm(g.t(), x), g.sum(0)
+        need_x, need_w, need_b = ctx.needs_input_grad
+        gx = torch.ops.mkldnn._linear_pointwise(g, weight.t(), None, "none", [], "") if need_x else None
+        return gx, torch.mm(g.t(), x) if need_w else None, g.sum(0) if need_b else None
 
 
 def linear_relu(layer: nn.Linear, x: Tensor) -> Tensor:

@@ -94,6 +94,11 @@ def test_linear_relu_takes_the_standard_modules_where_onednn_does_not_apply() ->
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast runs the layer in bf16, as it would unfused
         y = linear_relu(layer, x)
     assert y.dtype == torch.bfloat16 and "LinearReLUBackward" not in graph_ops(y)
+    layer.weight.requires_grad_(False)  # a frozen layer: gradients for the input and bias only
+    y = linear_relu(layer, x)
+    y.sum().backward()
+    assert "LinearReLUBackward" in graph_ops(y) and layer.weight.grad is None
+    assert torch.allclose(layer.bias.grad, (y > 0).sum(0).float())
     layer.register_forward_hook(lambda *_: None)  # a hook (e.g. summary's) sees the module run
     assert "LinearReLUBackward" not in graph_ops(linear_relu(layer, x))
 
