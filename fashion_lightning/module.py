@@ -34,7 +34,9 @@ class ImageClassifier(L.LightningModule):
     counts optimizer steps. The hot loop calls backward and the optimizer directly, so callbacks'
     ``on_before_backward``, ``on_after_backward`` and ``on_before_optimizer_step`` hooks do not run (with a
     gradient scaler, ``precision=16-mixed``, the full Lightning path runs instead); Lightning's
-    ``gradient_clip_val`` and ``accumulate_grad_batches`` do not apply to manual optimization.
+    ``gradient_clip_val`` and ``accumulate_grad_batches`` do not apply to manual optimization. A network with
+    a ``loss_and_grads(x, y)`` method (`DenseNet`) computes loss and gradients itself there, without autograd,
+    wherever that method applies (it returns ``None`` elsewhere; never with ``compile``).
 
     Args:
         net: the network, (N, 1, 28, 28) -> (N, 10) logits.
@@ -112,12 +114,18 @@ class ImageClassifier(L.LightningModule):
         progress = trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
         direct = getattr(trainer.precision_plugin, "scaler", None) is None
         logits, losses = [], []
+        by_hand = getattr(self.net, "loss_and_grads", None) if direct and not self.hparams.compile else None
         for x, y in batches:
-            out = self(x)
-            loss = F.cross_entropy(out, y)
+            result = by_hand(x, y) if by_hand is not None else None  # gradients set, or None: use autograd
+            if result is None:
+                out = self(x)
+                loss = F.cross_entropy(out, y)
+            else:
+                loss, out = result
             if direct:  # what LightningOptimizer.step does, less the hook dispatch (the hot path)
-                optimizer.optimizer.zero_grad()
-                loss.backward()
+                if result is None:
+                    optimizer.optimizer.zero_grad()
+                    loss.backward()
                 progress.increment_ready()
                 optimizer.optimizer.step()
                 progress.increment_completed()

@@ -52,6 +52,39 @@ def test_dense_applies_the_first_layers_to_each_row() -> None:
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("scale", [255.0, 1.0])
+def test_dense_loss_and_grads_by_hand_equal_autograds(scale: float) -> None:
+    torch.manual_seed(0)
+    net = keras_init_(DenseNet())
+    x, y = tie_heavy_images(32) * scale, torch.randint(0, 10, (32,))
+    out_ref, g_ref = logits_and_grads(net, net, x, y)
+    loss_ref = F.cross_entropy(out_ref, y)
+    for p in net.parameters():
+        p.grad = torch.full_like(p, 7.0)  # set, not accumulated: what zero_grad + backward leave
+    loss, logits = net.loss_and_grads(x, y)
+    assert not loss.requires_grad and not logits.requires_grad
+    assert torch.allclose(loss, loss_ref, rtol=1e-6) and torch.allclose(logits, out_ref, rtol=1e-5, atol=1e-3)
+    for p, b in zip(net.parameters(), g_ref, strict=True):
+        assert torch.allclose(p.grad, b, rtol=1e-5, atol=1e-7 * b.abs().max())
+
+
+def test_dense_loss_and_grads_declines_where_autograd_is_needed() -> None:
+    net = DenseNet()
+    x, y = torch.rand(4, 1, 28, 28), torch.randint(0, 10, (4,))
+    assert net.loss_and_grads(x, y) is not None
+    assert net.double().loss_and_grads(x.double(), y) is None
+    net.float()
+    with torch.no_grad():
+        assert net.loss_and_grads(x, y) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert net.loss_and_grads(x, y) is None
+    net.out.bias.requires_grad_(False)
+    assert net.loss_and_grads(x, y) is None
+    net.out.bias.requires_grad_(True)
+    net.flatten.register_forward_hook(lambda *_: None)
+    assert net.loss_and_grads(x, y) is None
+
+
 def graph_ops(t: torch.Tensor) -> set[str]:
     """The names of the autograd nodes behind ``t``."""
     seen, todo = set(), [t.grad_fn]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
 
-from fashion_lightning import CNN, DenseBaseline, FashionMNISTDataModule, UserError
+from fashion_lightning import CNN, DenseBaseline, DenseNet, FashionMNISTDataModule, UserError
 from fashion_lightning.module import check_compatible, load_model, read_checkpoint
 
 
@@ -134,6 +134,29 @@ def test_batches_per_step_is_the_same_math(cls: type, data_dir: Path, tmp_path: 
     assert steps == steps7 == 42  # global_step counts optimizer steps, one per batch
     assert torch.equal(acc, acc7) and torch.allclose(loss, loss7, rtol=1e-6)  # the mean sums in another order
     assert all(torch.equal(weights[k], weights7[k]) for k in weights)
+
+
+def test_the_dense_net_trains_by_hand_as_autograd_would(data_dir: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    by_hand, used = DenseNet.loss_and_grads, []
+
+    def spy(net: DenseNet, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        result = by_hand(net, x, y)
+        used.append(result is not None)
+        return result
+
+    results = []
+    for variant in (spy, lambda net, x, y: None):  # the hand-written step, then autograd
+        monkeypatch.setattr(DenseNet, "loss_and_grads", variant)
+        torch.manual_seed(0)
+        model = DenseBaseline(keras_init=True, schedule="onecycle")
+        trainer = fit_grouped(model, data_dir, tmp_path, 4, max_steps=12)
+        results.append((trainer.callback_metrics["train/loss"], [p.detach().clone() for p in model.parameters()]))
+    (loss, weights), (loss_ref, weights_ref) = results
+    assert len(used) == 12 and all(used)
+    assert torch.allclose(loss, loss_ref, rtol=1e-5)
+    for a, b in zip(weights, weights_ref, strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
 
 
 def test_onecycle_runs_to_its_end_over_grouped_batches(data_dir: Path, tmp_path: Path) -> None:
