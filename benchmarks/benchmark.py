@@ -7,7 +7,9 @@
 Each Lightning run is ``fashion_lightning.train.train(cfg)`` on the composed config, the code path of
 ``python -m fashion_lightning.train experiment=...`` (progress bar and CSV logging included). The plain loop
 trains the same network (same init, same Adam settings, same batches in the same order from the same
-in-memory tensors) with zero_grad/backward/step and running accuracy/loss sums, nothing else. s/epoch is
+in-memory tensors) with zero_grad/backward/step and running accuracy/loss sums, nothing else; where the
+network writes its own loss and gradients (``DenseNet.loss_and_grads``, as the training module uses it), the
+plain loop does too, so that the ratio is Lightning's own cost. s/epoch is
 the median over epochs of the training steps' wall time (validation excluded); peak memory is the
 process's peak resident set during the run (CPU) or peak allocated CUDA memory (GPU). The real data is
 needed: ``apt-get install dataset-fashion-mnist`` or ``--data-dir``.
@@ -93,7 +95,8 @@ def lightning_run(cfg: object, device: str) -> dict:
 
 
 def plain_run(cfg: object, device: str) -> dict:
-    """The identical math as a bare loop: same init (same seed), same optimizer, same batches."""
+    """The identical math, per batch as the training module computes it, as a bare loop: same init (same seed),
+    same optimizer, same batches."""
     torch.manual_seed(cfg.seed)
     datamodule, model = instantiate(cfg.data), instantiate(cfg.model)
     datamodule.setup()
@@ -105,16 +108,21 @@ def plain_run(cfg: object, device: str) -> dict:
     images, labels = (t.to(device) for t in datamodule.train_set)
     loader = BatchLoader(images, labels, dhp.batch_size, shuffle=True, seed=dhp.seed, scale=dhp.scale)
     times, train_acc = [], 0.0
+    by_hand = getattr(net, "loss_and_grads", None)  # the network's own loss and gradients, as the module uses them
     with PeakMemory(device) as memory:
         for _ in range(cfg.trainer.max_epochs):
             correct = torch.zeros((), device=device)
             loss_sum = torch.zeros((), device=device)
             start = time.perf_counter()
             for x, y in loader:
-                logits = net(x)
-                loss = F.cross_entropy(logits, y)
-                optimizer.zero_grad()
-                loss.backward()
+                result = by_hand(x, y) if by_hand is not None else None
+                if result is None:
+                    logits = net(x)
+                    loss = F.cross_entropy(logits, y)
+                    optimizer.zero_grad()
+                    loss.backward()
+                else:
+                    loss, logits = result
                 optimizer.step()
                 correct += (logits.detach().argmax(1) == y).sum()
                 loss_sum += loss.detach() * len(y)

@@ -5,8 +5,10 @@ modules, with the same weights and batches.
 
 Prints the median milliseconds per training step (forward, backward, fused Adam) and per 1,000-image
 inference batch, the variants alternating so that machine noise hits them alike:
-- ``as it runs``: the network's own forward, i.e. ``ConvPoolReLU`` (CNN) and ``LinearReLU`` (every
-  Linear followed by a ReLU, on oneDNN);
+- for the dense net, ``by hand``: ``DenseNet.loss_and_grads``, the loss and gradients without autograd, as
+  the training module runs it (training only: its forward pass is ``as it runs``);
+- ``as it runs``: the network's own forward with autograd, i.e. ``ConvPoolReLU`` (CNN) and ``LinearReLU``
+  (every Linear followed by a ReLU, on oneDNN);
 - for the CNN, ``ConvPoolReLU only``: the dense layers through ``nn.Linear`` (MKL) + ReLU;
 - ``standard modules``: ``nn.Conv2d``, ``nn.MaxPool2d``, ``nn.Linear`` and ReLU.
 Synthetic batches (raw 0-255 pixels for the dense net, as ``seed_dense`` trains): the cost does not depend
@@ -45,16 +47,19 @@ def dense_variants(net: DenseNet) -> dict[str, Forward]:
     def standard(x: Tensor) -> Tensor:
         return net.out(net.flatten(net.row2(net.row1(x.view(-1, 28, 28)).relu()).relu()))
 
-    return {"as it runs": net, "standard modules": standard}
+    return {"by hand": net, "as it runs": net, "standard modules": standard}
 
 
-def time_steps(net: torch.nn.Module, forward: Forward, batches: list[tuple[Tensor, Tensor]]) -> float:
+def time_steps(net: torch.nn.Module, forward: Forward, batches: list[tuple[Tensor, Tensor]], by_hand: bool) -> float:
     optimizer = torch.optim.Adam(net.parameters(), fused=True)
     start = time.perf_counter()
     for x, y in batches:
-        loss = F.cross_entropy(forward(x), y)
-        optimizer.zero_grad()
-        loss.backward()
+        if by_hand:
+            net.loss_and_grads(x, y)
+        else:
+            loss = F.cross_entropy(forward(x), y)
+            optimizer.zero_grad()
+            loss.backward()
         optimizer.step()
     return (time.perf_counter() - start) / len(batches) * 1e3
 
@@ -83,13 +88,14 @@ def main() -> None:
     cls, variants = (ConvNet, cnn_variants) if args.model == "cnn" else (DenseNet, dense_variants)
     names = list(variants(cls()))
     train: dict[str, list[float]] = {name: [] for name in names}
-    infer: dict[str, list[float]] = {name: [] for name in names}
+    infer: dict[str, list[float]] = {name: [] for name in names if name != "by hand"}  # its forward: as it runs
     for _ in range(args.repeats + 1):  # the first round warms up and is dropped
         for name in names:
             net = keras_init_(cls())
             forward = variants(net)[name]
-            train[name].append(time_steps(net, forward, batches))
-            infer[name].append(time_inference(forward, images))
+            train[name].append(time_steps(net, forward, batches, by_hand=name == "by hand"))
+            if name in infer:
+                infer[name].append(time_inference(forward, images))
     for what, times, unit in (("training", train, f"ms/step (batch {args.batch_size})"),
                               ("inference", infer, "ms per 1,000 images")):
         medians = {name: statistics.median(t[1:]) for name, t in times.items()}
