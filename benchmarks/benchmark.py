@@ -7,12 +7,12 @@
 Each Lightning run is ``fashion_lightning.train.train(cfg)`` on the composed config, the code path of
 ``python -m fashion_lightning.train experiment=...`` (progress bar and CSV logging included). The plain loop
 trains the same network (same init, same Adam settings, same batches in the same order from the same
-in-memory tensors) with zero_grad/backward/step and running accuracy/loss sums, nothing else; where the
-network writes its own loss and gradients (``DenseNet.loss_and_grads``, as the training module uses it), the
-plain loop does too, so that the ratio is Lightning's own cost. s/epoch is
-the median over epochs of the training steps' wall time (validation excluded); peak memory is the
-process's peak resident set during the run (CPU) or peak allocated CUDA memory (GPU). The real data is
-needed: ``apt-get install dataset-fashion-mnist`` or ``--data-dir``.
+in-memory tensors) with ``module.loss_and_grads`` (zero_grad and backward, or the network's own loss and
+gradients, ``DenseNet.loss_and_grads``, exactly as the training module) and ``optimizer.step()``, plus running
+accuracy/loss sums, nothing else: the ratio is Lightning's own cost. s/epoch is the median over epochs of
+the training steps' wall time (validation excluded); peak memory is the process's peak resident set during
+the run (CPU) or peak allocated CUDA memory (GPU). The real data is needed: ``apt-get install
+dataset-fashion-mnist`` or ``--data-dir``.
 """
 
 from __future__ import annotations
@@ -29,11 +29,11 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from fashion_lightning.data import BatchLoader
+from fashion_lightning.module import loss_and_grads
 from fashion_lightning.runtime import tune_process
 from fashion_lightning.train import CONFIG_DIR, train
 
@@ -108,21 +108,13 @@ def plain_run(cfg: object, device: str) -> dict:
     images, labels = (t.to(device) for t in datamodule.train_set)
     loader = BatchLoader(images, labels, dhp.batch_size, shuffle=True, seed=dhp.seed, scale=dhp.scale)
     times, train_acc = [], 0.0
-    by_hand = getattr(net, "loss_and_grads", None)  # the network's own loss and gradients, as the module uses them
     with PeakMemory(device) as memory:
         for _ in range(cfg.trainer.max_epochs):
             correct = torch.zeros((), device=device)
             loss_sum = torch.zeros((), device=device)
             start = time.perf_counter()
             for x, y in loader:
-                result = by_hand(x, y) if by_hand is not None else None
-                if result is None:
-                    logits = net(x)
-                    loss = F.cross_entropy(logits, y)
-                    optimizer.zero_grad()
-                    loss.backward()
-                else:
-                    loss, logits = result
+                loss, logits = loss_and_grads(net, x, y, optimizer)
                 optimizer.step()
                 correct += (logits.detach().argmax(1) == y).sum()
                 loss_sum += loss.detach() * len(y)

@@ -5,7 +5,8 @@
 
 Each variant takes ``--steps`` Adam steps of batch 32 on the same network (same init, same batches from the
 same in-memory tensors), and the script prints the median ms per optimizer step over the repeats, the
-variants interleaved so that machine drift hits them alike: the plain loop; Lightning with a bare trainer
+variants interleaved so that machine drift hits them alike: the plain loop (each batch computed as the
+training module computes it, ``module.loss_and_grads``, then ``optimizer.step()``); Lightning with a bare trainer
 (no progress bar, logger or callbacks); Lightning with the app's progress bar, CSV logger and checkpoint,
 interrupt and timer callbacks. The Lightning variants run once with one batch per training step and once
 with ``--per-step`` (``data.batches_per_step``). ``tune_process()`` is applied to all of them.
@@ -20,12 +21,12 @@ import time
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from fashion_lightning import CNN, BatchLoader, DenseBaseline, FashionMNISTDataModule
 from fashion_lightning.callbacks import BatchProgressBar, EpochTimer, SaveOnInterrupt
+from fashion_lightning.module import loss_and_grads
 from fashion_lightning.runtime import tune_process
 
 MODELS = {"cnn": CNN, "dense": DenseBaseline}
@@ -39,9 +40,7 @@ def plain(cls: type, dm: FashionMNISTDataModule, steps: int) -> float:
     start = time.perf_counter()
     for _ in range(steps):
         x, y = next(batches)
-        loss = F.cross_entropy(net(x), y)
-        optimizer.zero_grad()
-        loss.backward()
+        loss_and_grads(net, x, y, optimizer)
         optimizer.step()
     return (time.perf_counter() - start) / steps * 1e3
 

@@ -114,22 +114,15 @@ class ImageClassifier(L.LightningModule):
         progress = trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
         direct = getattr(trainer.precision_plugin, "scaler", None) is None
         logits, losses = [], []
-        by_hand = getattr(self.net, "loss_and_grads", None) if direct and not self.hparams.compile else None
         for x, y in batches:
-            result = by_hand(x, y) if by_hand is not None else None  # gradients set, or None: use autograd
-            if result is None:
-                out = self(x)
-                loss = F.cross_entropy(out, y)
-            else:
-                loss, out = result
             if direct:  # what LightningOptimizer.step does, less the hook dispatch (the hot path)
-                if result is None:
-                    optimizer.optimizer.zero_grad()
-                    loss.backward()
+                loss, out = loss_and_grads(self.net, x, y, optimizer.optimizer, by_hand=not self.hparams.compile)
                 progress.increment_ready()
                 optimizer.optimizer.step()
                 progress.increment_completed()
             else:
+                out = self(x)
+                loss = F.cross_entropy(out, y)
                 optimizer.zero_grad()
                 self.manual_backward(loss)
                 optimizer.step()
@@ -198,6 +191,24 @@ class ImageClassifier(L.LightningModule):
 
 
 CHECKPOINT_KEY = "fashion_lightning_class"
+
+
+def loss_and_grads(net: nn.Module, x: Tensor, y: Tensor, optimizer: torch.optim.Optimizer,
+                   by_hand: bool = True) -> tuple[Tensor, Tensor]:
+    """A batch's mean cross entropy and logits, with ``net``'s gradients set for ``optimizer.step()``.
+
+    By the network's own ``loss_and_grads(x, y)`` where it has one that applies (`DenseNet`, on a CPU) and
+    ``by_hand``; else ``optimizer.zero_grad()``, the forward pass and ``backward``. `ImageClassifier`'s
+    training step and the benchmarks' plain loops both use it.
+    """
+    result = net.loss_and_grads(x, y) if by_hand and hasattr(net, "loss_and_grads") else None
+    if result is not None:
+        return result
+    logits = net(x)
+    loss = F.cross_entropy(logits, y)
+    optimizer.zero_grad()
+    loss.backward()
+    return loss, logits
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
