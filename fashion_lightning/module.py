@@ -9,6 +9,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.strategies import SingleDeviceStrategy
 from torch import Tensor, nn
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
@@ -36,7 +37,7 @@ class ImageClassifier(L.LightningModule):
     gradient scaler, ``precision=16-mixed``, the full Lightning path runs instead); Lightning's
     ``gradient_clip_val`` and ``accumulate_grad_batches`` do not apply to manual optimization. A network with
     a ``loss_and_grads(x, y)`` method (`DenseNet`) computes loss and gradients itself there, without autograd,
-    wherever that method applies (it returns ``None`` elsewhere; never with ``compile``).
+    wherever that method applies (it returns ``None`` elsewhere); never with ``compile`` or under DDP.
 
     Args:
         net: the network, (N, 1, 28, 28) -> (N, 10) logits.
@@ -113,10 +114,12 @@ class ImageClassifier(L.LightningModule):
             return
         progress = trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
         direct = getattr(trainer.precision_plugin, "scaler", None) is None
+        # DDP averages gradients in hooks that autograd's backward fires: there, autograd it is
+        by_hand = isinstance(trainer.strategy, SingleDeviceStrategy) and not self.hparams.compile
         logits, losses = [], []
         for x, y in batches:
             if direct:  # what LightningOptimizer.step does, less the hook dispatch (the hot path)
-                loss, out = loss_and_grads(self.net, x, y, optimizer.optimizer, by_hand=not self.hparams.compile)
+                loss, out = loss_and_grads(self.net, x, y, optimizer.optimizer, by_hand=by_hand)
                 progress.increment_ready()
                 optimizer.optimizer.step()
                 progress.increment_completed()

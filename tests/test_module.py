@@ -136,8 +136,8 @@ def test_batches_per_step_is_the_same_math(cls: type, data_dir: Path, tmp_path: 
     assert all(torch.equal(weights[k], weights7[k]) for k in weights)
 
 
-def test_the_dense_net_trains_by_hand_as_autograd_would(data_dir: Path, tmp_path: Path,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def spy_on_the_dense_step_by_hand(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Record, for every call of `DenseNet.loss_and_grads`, whether it computed the step (not ``None``)."""
     by_hand, used = DenseNet.loss_and_grads, []
 
     def spy(net: DenseNet, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -145,18 +145,32 @@ def test_the_dense_net_trains_by_hand_as_autograd_would(data_dir: Path, tmp_path
         used.append(result is not None)
         return result
 
-    results = []
-    for variant in (spy, lambda net, x, y: None):  # the hand-written step, then autograd
-        monkeypatch.setattr(DenseNet, "loss_and_grads", variant)
+    monkeypatch.setattr(DenseNet, "loss_and_grads", spy)
+    return used
+
+
+def test_the_dense_net_trains_by_hand_as_autograd_would(data_dir: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    results, used = [], spy_on_the_dense_step_by_hand(monkeypatch)
+    for autograd in (False, True):
+        if autograd:
+            monkeypatch.setattr(DenseNet, "loss_and_grads", lambda net, x, y: None)
         torch.manual_seed(0)
         model = DenseBaseline(keras_init=True, schedule="onecycle")
         trainer = fit_grouped(model, data_dir, tmp_path, 4, max_steps=12)
         results.append((trainer.callback_metrics["train/loss"], [p.detach().clone() for p in model.parameters()]))
+    assert len(used) == 12 and all(used)  # the first run took every step by hand
     (loss, weights), (loss_ref, weights_ref) = results
-    assert len(used) == 12 and all(used)
     assert torch.allclose(loss, loss_ref, rtol=1e-5)
     for a, b in zip(weights, weights_ref, strict=True):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_ddp_keeps_autograd_which_averages_its_gradients(data_dir: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    used = spy_on_the_dense_step_by_hand(monkeypatch)
+    trainer = fit_grouped(DenseBaseline(), data_dir, tmp_path, 1, max_steps=3, strategy="ddp", devices=1)
+    assert trainer.global_step == 3 and not used
 
 
 def test_onecycle_runs_to_its_end_over_grouped_batches(data_dir: Path, tmp_path: Path) -> None:
