@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import lightning as L
@@ -169,7 +170,14 @@ def test_the_dense_net_trains_by_hand_as_autograd_would(data_dir: Path, tmp_path
 def test_ddp_keeps_autograd_which_averages_its_gradients(data_dir: Path, tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     used = spy_on_the_dense_step_by_hand(monkeypatch)
-    trainer = fit_grouped(DenseBaseline(), data_dir, tmp_path, 1, max_steps=3, strategy="ddp", devices=1)
+    environ = dict(os.environ)
+    try:
+        trainer = fit_grouped(DenseBaseline(), data_dir, tmp_path, 1, max_steps=3, strategy="ddp", devices=1)
+    finally:  # DDP leaves LOCAL_RANK, MASTER_PORT... and its process group: later runs would think themselves ranks
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(environ)
     assert trainer.global_step == 3 and not used
 
 
