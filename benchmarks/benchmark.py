@@ -1,213 +1,195 @@
-"""Side by side, in one process: the tutorial's recipes through the training app vs a plain PyTorch loop.
+"""Both speed options side by side, each a whole process: the training app and a plain PyTorch loop of the same math.
 
-    python benchmarks/benchmark.py                                   # seed_cnn, seed_dense, dense_scaled, fast_cnn
+    python benchmarks/benchmark.py                       # seed_cnn, seed_dense, fast_cnn; seeds 0,1,2; CPU
     python benchmarks/benchmark.py --recipes seed_cnn --seeds 0 --epochs 1
     python benchmarks/benchmark.py --device cuda --out benchmarks/results-gpu.md
 
-Each Lightning run is ``fashion_lightning.train.train(cfg)`` on the composed config, the code path of
-``python -m fashion_lightning.train experiment=...`` (progress bar and CSV logging included). The plain loop
-trains the same network (same init, same Adam settings, same batches in the same order from the same
-in-memory tensors) with ``module.loss_and_grads`` (zero_grad and backward, or the network's own loss and
-gradients, ``DenseNet.loss_and_grads``, exactly as the training module) and ``optimizer.step()``, plus running
-accuracy/loss sums, nothing else: the ratio is Lightning's own cost. s/epoch is the median over epochs of
-the training steps' wall time (validation excluded); peak memory is the process's peak resident set during
-the run (CPU) or peak allocated CUDA memory (GPU). The real data is needed: ``apt-get install
+For each recipe and seed, four processes run in turn (so that the machine's drift hits them alike):
+- ``app, fast`` and ``app, reference``: ``python -m fashion_lightning.train experiment=<recipe> speed=<option>``,
+  everything the command does (start-up, data, training, validation, test, checkpoints, report);
+- ``plain, fast`` and ``plain, reference``: this script's own loop (``--plain``), the same network, initialisation,
+  optimizer, schedule and batches in the same order, with nothing but forward, loss, backward, the optimizer step
+  and a running accuracy; through the fast option's kernels and process settings, or the standard modules.
+
+s/epoch: the median over epochs of the training steps' wall time (validation excluded); whole s: the process from
+start to exit; CPU s: user + system; peak MiB: the process's largest resident set. Lightning / plain divides the
+app's s/epoch by the plain loop's, option by option. The real data is needed: ``apt-get install
 dataset-fashion-mnist`` or ``--data-dir``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-import torch
-from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
-
-from fashion_lightning.data import BatchLoader
-from fashion_lightning.module import loss_and_grads
-from fashion_lightning.runtime import tune_process
-from fashion_lightning.train import CONFIG_DIR, train
-
-RECIPES = {
-    "seed_cnn": ["experiment=seed_cnn"],
-    "seed_dense": ["experiment=seed_dense"],
-    "dense_scaled": ["experiment=seed_dense", "data.scale=true"],  # the honest architecture comparison
-    "fast_cnn": ["experiment=fast_cnn"],
-}
+RECIPES = ("seed_cnn", "seed_dense", "fast_cnn")
+PATHS = ("app, fast", "app, reference", "plain, fast", "plain, reference")
 
 
-class PeakMemory:
-    """Peak resident memory (CPU) or peak allocated memory (CUDA) while the ``with`` block runs, in MiB."""
-
-    def __init__(self, device: str) -> None:
-        self.device, self.peak, self._stop = device, 0.0, threading.Event()
-
-    def _rss(self) -> float:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.02):
-            self.peak = max(self.peak, self._rss())
-
-    def __enter__(self) -> PeakMemory:
-        if self.device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            self.peak = self._rss()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.device == "cuda":
-            self.peak = torch.cuda.max_memory_allocated() / 2**20
-        else:
-            self._stop.set()
-            self._thread.join()
-
-
-def compose_recipe(recipe: str, seed: int, args: argparse.Namespace, out: Path) -> object:
-    overrides = [*RECIPES[recipe], f"seed={seed}", f"paths.output_dir={out}", f"paths.output_root={out.parent}",
-                 "report=false", f"trainer.accelerator={'gpu' if args.device == 'cuda' else 'cpu'}"]
+def overrides(recipe: str, speed: str, seed: int, args: argparse.Namespace) -> list[str]:
+    extra = [f"experiment={recipe}", f"speed={speed}", f"seed={seed}",
+             f"trainer.accelerator={'gpu' if args.device == 'cuda' else 'cpu'}"]
     if args.data_dir:
-        overrides.append(f"paths.data_dir={args.data_dir}")
+        extra.append(f"paths.data_dir={args.data_dir}")
     if args.epochs:
-        overrides.append(f"trainer.max_epochs={args.epochs}")
+        extra.append(f"trainer.max_epochs={args.epochs}")
+    return extra
+
+
+def plain(recipe: str, speed: str, seed: int, args: argparse.Namespace) -> dict:
+    """The plain loop (``--plain``): what the app's training computes, without Lightning."""
+    import lightning as L
+    import torch
+    import torch.nn.functional as F
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from fashion_lightning.data import BatchLoader
+    from fashion_lightning.fast import networks, tune_process
+    from fashion_lightning.train import CONFIG_DIR
+
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose("train", overrides=overrides)
-
-
-def lightning_run(cfg: object, device: str) -> dict:
-    with PeakMemory(device) as memory:
-        results = train(cfg)
-    return {"s_epoch": statistics.median(results["epoch_time_s"]), "test_acc": results["test_acc"],
-            "train_acc": results.get("train_acc"), "peak_mib": memory.peak, "whole_s": results["wall_time_s"]}
-
-
-def plain_run(cfg: object, device: str) -> dict:
-    """The identical math, per batch as the training module computes it, as a bare loop: same init (same seed),
-    same optimizer, same batches."""
-    torch.manual_seed(cfg.seed)
+        cfg = compose("train", overrides=overrides(recipe, speed, seed, args))
+    L.seed_everything(cfg.seed, verbose=False)  # as train(cfg) does, before building the data and the model
     datamodule, model = instantiate(cfg.data), instantiate(cfg.model)
     datamodule.setup()
-    net = model.net.to(device)
-    hp = model.hparams
+    device = torch.device(args.device)
+    net, hp, dhp = model.net.to(device), model.hparams, datamodule.hparams
+    fast = speed == "fast"
+    if fast:
+        tune_process()
     optimizer = torch.optim.Adam(net.parameters(), lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps,
                                  weight_decay=hp.weight_decay, fused=True)
-    dhp = datamodule.hparams
     images, labels = (t.to(device) for t in datamodule.train_set)
     loader = BatchLoader(images, labels, dhp.batch_size, shuffle=True, seed=dhp.seed, scale=dhp.scale)
+    epochs = cfg.trainer.max_epochs
+    scheduler = (torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=hp.lr, total_steps=epochs * len(loader))
+                 if hp.schedule == "onecycle" else None)
     times, train_acc = [], 0.0
-    with PeakMemory(device) as memory:
-        for _ in range(cfg.trainer.max_epochs):
-            correct = torch.zeros((), device=device)
-            loss_sum = torch.zeros((), device=device)
-            start = time.perf_counter()
-            for x, y in loader:
-                loss, logits = loss_and_grads(net, x, y, optimizer)
-                optimizer.step()
-                correct += (logits.detach().argmax(1) == y).sum()
-                loss_sum += loss.detach() * len(y)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-            train_acc = correct.item() / len(labels)
-        test_x, test_y = (t.to(device) for t in datamodule.test_set)
-        with torch.no_grad():
-            hits = sum(int((net(x).argmax(1) == y).sum()) for x, y in
-                       BatchLoader(test_x, test_y, 1000, scale=dhp.scale))
-    return {"s_epoch": statistics.median(times), "test_acc": hits / len(test_y), "train_acc": train_acc,
-            "peak_mib": memory.peak, "whole_s": None}
+    for _ in range(epochs):
+        correct = torch.zeros((), device=device)
+        start = time.perf_counter()
+        for x, y in loader:
+            result = networks.loss_and_grads(net, x, y) if fast else None
+            if result is None:
+                logits = networks.logits(net, x) if fast else net(x)
+                loss = F.cross_entropy(logits, y)
+                optimizer.zero_grad()
+                loss.backward()
+            else:
+                loss, logits = result
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            correct += (logits.detach().argmax(1) == y).sum()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+        train_acc = correct.item() / len(labels)
+    test_x, test_y = datamodule.test_set
+    with torch.no_grad():
+        hits = sum(int(((networks.logits(net, x) if fast else net(x)).argmax(1) == y).sum())
+                   for x, y in BatchLoader(test_x.to(device), test_y.to(device), 1000, scale=dhp.scale))
+    return {"epoch_time_s": times, "test_acc": hits / len(test_y), "train_acc": train_acc}
 
 
-def cli_wall_time(recipe: str, args: argparse.Namespace, out: Path) -> float:
-    """The whole ``python -m fashion_lightning.train experiment=...`` command: start-up, data, fit, test, report."""
-    command = [sys.executable, "-m", "fashion_lightning.train", *RECIPES[recipe], f"paths.output_root={out}",
-               f"trainer.accelerator={'gpu' if args.device == 'cuda' else 'cpu'}"]
-    if args.data_dir:
-        command.append(f"paths.data_dir={args.data_dir}")
+def measure(command: list[str], cwd: Path) -> tuple[str, dict]:
+    """Run ``command`` as a process; its stdout, and its wall seconds, CPU seconds and peak resident MiB."""
     start = time.perf_counter()
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.perf_counter() - start
+    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    stdout = process.stdout.read()
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"failed: {' '.join(command)}")
+    return stdout, {"whole_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_mib": usage.ru_maxrss / 1024}
 
 
-def fmt(value: float | None, spec: str) -> str:
-    return "" if value is None else format(value, spec)
+def run(path: str, recipe: str, seed: int, args: argparse.Namespace, workdir: Path) -> dict:
+    kind, speed = path.split(", ")
+    if kind == "plain":
+        flags = ["--data-dir", args.data_dir] if args.data_dir else []
+        flags += ["--epochs", str(args.epochs)] if args.epochs else []
+        stdout, usage = measure([sys.executable, __file__, "--plain", recipe, speed, str(seed), "--device",
+                                 args.device, *flags], workdir)
+        results = json.loads(stdout.strip().splitlines()[-1])
+    else:
+        root = workdir / f"{recipe}-{speed}-{seed}"
+        _, usage = measure([sys.executable, "-m", "fashion_lightning.train", *overrides(recipe, speed, seed, args),
+                            f"paths.output_root={root}"], workdir)
+        (results_file,) = root.glob("runs/*/results.json")
+        results = json.loads(results_file.read_text())
+    return {**usage, "s_epoch": statistics.median(results["epoch_time_s"]), "test_acc": results["test_acc"],
+            "train_acc": results.get("train_acc")}
 
 
 def spread(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.4f}"
-    return f"{statistics.mean(values):.4f} (min {min(values):.4f}, max {max(values):.4f})"
+    return f"{statistics.mean(values):.4f} ({min(values):.4f}-{max(values):.4f})"
 
 
-def recipe_rows(recipe: str, runs: dict[str, list[dict]], n_train: int, whole: list[float]) -> list[dict]:
-    """The table's rows for one recipe: per path, medians of the runs' s/epoch, accuracy over the seeds."""
-    medians = {k: statistics.median(r["s_epoch"] for r in v) for k, v in runs.items() if v}
-    return [{
-        "recipe": recipe, "path": path, "s_epoch": medians[path], "img_s": n_train / medians[path],
-        "peak": max(r["peak_mib"] for r in results),
-        "test": spread([r["test_acc"] for r in results]),
-        "train": spread([r["train_acc"] for r in results if r["train_acc"] is not None]),
-        "run_s": statistics.median(r["whole_s"] for r in results) if path == "lightning" else None,
-        "cli_s": statistics.median(whole) if whole and path == "lightning" else None,
-        "ratio": medians["lightning"] / medians["plain"] if path == "lightning" and "plain" in medians else None,
-    } for path, results in runs.items() if results]
-
-
-def markdown(rows: list[dict], title: str) -> str:
-    header = ("| recipe | path | s/epoch (median) | images/s | peak MiB | test acc (mean, min-max) | "
-              "final-epoch train acc | train() s | whole CLI run s | Lightning / plain |\n"
-              "|---|---|---:|---:|---:|---|---|---:|---:|---:|\n")
-    lines = [f"| {r['recipe']} | {r['path']} | {r['s_epoch']:.2f} | {r['img_s']:,.0f} | {r['peak']:,.0f} | "
-             f"{r['test']} | {r['train']} | {fmt(r['run_s'], '.1f')} | {fmt(r['cli_s'], '.1f')} | "
-             f"{fmt(r['ratio'], '.3f')} |" for r in rows]
-    return f"{title}\n\n{header}" + "\n".join(lines) + "\n"
+def table(runs: dict[tuple[str, str], list[dict]], title: str) -> str:
+    lines = [title, "", "| recipe | path | s/epoch | whole s | CPU s | peak MiB | test acc, mean (min-max) | "
+             "final-epoch train acc | Lightning / plain |", "|---|---|---:|---:|---:|---:|---|---|---:|"]
+    for (recipe, path), results in runs.items():
+        if not results:
+            continue
+        med = {key: statistics.median(r[key] for r in results) for key in ("s_epoch", "whole_s", "cpu_s", "peak_mib")}
+        plain_runs = runs.get((recipe, path.replace("app", "plain")), []) if path.startswith("app") else []
+        ratio = med["s_epoch"] / statistics.median(r["s_epoch"] for r in plain_runs) if plain_runs else None
+        lines.append(f"| {recipe} | {path} | {med['s_epoch']:.2f} | {med['whole_s']:.1f} | {med['cpu_s']:.1f} | "
+                     f"{med['peak_mib']:,.0f} | {spread([r['test_acc'] for r in results])} | "
+                     f"{spread([r['train_acc'] for r in results])} | {'' if ratio is None else f'{ratio:.3f}'} |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipes", default=",".join(RECIPES), help=f"comma-separated, of {', '.join(RECIPES)}")
+    parser.add_argument("--paths", default=",".join(p.replace(", ", ":") for p in PATHS),
+                        help="comma-separated, of app:fast, app:reference, plain:fast, plain:reference")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds; accuracy is reported over them")
     parser.add_argument("--epochs", type=int, default=None, help="override every recipe's epoch count")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--data-dir", default=None, help="paths.data_dir (default: the app's)")
-    parser.add_argument("--cli-runs", type=int, default=1, help="whole CLI runs of seed_cnn to time end to end")
     parser.add_argument("--out", default="benchmarks/results.md", help="where to write the Markdown table")
+    parser.add_argument("--plain", nargs=3, metavar=("RECIPE", "SPEED", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    tune_process()  # train() applies it too; here it holds for the plain loop whichever runs first
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or 'CPU'}"
-    title = (f"Device: {args.device} ({device_name}), torch {torch.__version__}, {os.cpu_count()} CPUs, "
-             f"seeds {args.seeds}, {time.strftime('%Y-%m-%d')}")
-    seeds = [int(s) for s in args.seeds.split(",")]
+    if args.plain:
+        recipe, speed, seed = args.plain
+        print(json.dumps(plain(recipe, speed, int(seed), args)))
+        return
+    recipes, seeds = args.recipes.split(","), [int(s) for s in args.seeds.split(",")]
+    paths = [p.replace(":", ", ") for p in args.paths.split(",")]
+    if bad := [r for r in recipes if r not in RECIPES] + [p for p in paths if p not in PATHS]:
+        parser.error(f"unknown recipe or path {bad[0]!r}; choose from {', '.join(RECIPES)} and {', '.join(PATHS)}")
+    if args.data_dir:
+        args.data_dir = str(Path(args.data_dir).resolve())
+    import torch
+
+    device = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "CPU"
+    title = (f"Device: {args.device} ({device}), torch {torch.__version__}, {os.cpu_count()} CPUs, seeds {args.seeds}, "
+             f"{time.strftime('%Y-%m-%d')}; `python benchmarks/benchmark.py {' '.join(sys.argv[1:])}`".rstrip())
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    rows: list[dict] = []
+    runs: dict[tuple[str, str], list[dict]] = {(r, p): [] for r in recipes for p in paths}
     with tempfile.TemporaryDirectory() as tmp:
-        for recipe in args.recipes.split(","):
-            runs: dict[str, list[dict]] = {"lightning": [], "plain": []}
+        for recipe in recipes:
             for seed in seeds:
-                cfg = compose_recipe(recipe, seed, args, Path(tmp) / f"{recipe}-{seed}")
-                runs["lightning"].append(lightning_run(cfg, args.device))
-                if cfg.model.schedule == "constant":
-                    runs["plain"].append(plain_run(cfg, args.device))
-                print(recipe, seed, {k: v[-1] for k, v in runs.items() if v}, flush=True)
-            n_train = 60_000 - cfg.data.val_split if cfg.data.val_split else 60_000
-            whole = [cli_wall_time(recipe, args, Path(tmp) / "cli") for _ in range(args.cli_runs)] \
-                if recipe == "seed_cnn" else []
-            rows += recipe_rows(recipe, runs, n_train, whole)
-            out.write_text(markdown(rows, title))  # after each recipe: a cut-short run keeps what it measured
-    print(markdown(rows, title))
+                for path in paths:
+                    runs[recipe, path].append(run(path, recipe, seed, args, Path(tmp)))
+                    print(recipe, path, seed, runs[recipe, path][-1], flush=True)
+                out.write_text(table(runs, title))  # after each seed: a run cut short keeps what it measured
+    print(table(runs, title))
 
 
 if __name__ == "__main__":

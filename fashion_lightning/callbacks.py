@@ -12,7 +12,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 
-from fashion_lightning.data import batches_in_steps
+from fashion_lightning.fast.batches import GroupedBatches
 
 
 class SaveOnInterrupt(Callback):
@@ -24,6 +24,7 @@ class SaveOnInterrupt(Callback):
     before the first optimizer step (bad data, bad config) saves nothing, so no checkpoint looks like a result.
     """
 
+    takes_batch_lists = True  # the fast loop's steps of several batches: it stops after the whole step
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, dirpath: str, filename: str = "interrupted") -> None:
@@ -62,6 +63,8 @@ class SaveOnInterrupt(Callback):
 class EpochTimer(Callback):
     """Wall time of each training epoch's steps (validation excluded): ``times``, logged as ``train/epoch_time_s``."""
 
+    takes_batch_lists = True
+
     def __init__(self) -> None:
         self.times: list[float] = []
         self._start = self._last = 0.0
@@ -78,20 +81,28 @@ class EpochTimer(Callback):
 
 
 class BatchProgressBar(TQDMProgressBar):
-    """Lightning's tqdm bar, counting an epoch's batches rather than its training steps.
+    """Lightning's tqdm bar counting an epoch's batches, also where a training step takes several (the fast
+    option's `GroupedBatches`: ``1875/1875`` an epoch for batch 32 either way), refreshed every ``refresh_rate``
+    batches."""
 
-    With ``data.batches_per_step`` one training step takes several batches; this bar still shows the
-    tutorial's ``1875/1875`` per epoch and a rate in batches per second. ``refresh_rate`` counts steps.
-    """
+    takes_batch_lists = True
+
+    @staticmethod
+    def _batches(trainer: L.Trainer, steps: int | float) -> int | float:
+        loader = trainer.train_dataloader
+        return loader.batches_in(steps) if isinstance(loader, GroupedBatches) else steps
 
     @property
     def total_train_batches(self) -> int | float:
-        return batches_in_steps(self.trainer.train_dataloader, super().total_train_batches)
+        return self._batches(self.trainer, super().total_train_batches)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         bar = self.train_progress_bar
-        if bar is not None and not bar.disable and self._should_update(batch_idx + 1, trainer.num_training_batches):
-            bar.n = batches_in_steps(trainer.train_dataloader, batch_idx + 1)
+        if bar is None or bar.disable or not self.refresh_rate:
+            return
+        done, before = self._batches(trainer, batch_idx + 1), self._batches(trainer, batch_idx)
+        if done // self.refresh_rate > before // self.refresh_rate or done == bar.total:
+            bar.n = done
             bar.refresh()
             bar.set_postfix(self.get_metrics(trainer, pl_module))

@@ -13,9 +13,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
+from fashion_lightning.checkpoint import load_trained, run_dir_of
 from fashion_lightning.data import CLASS_NAMES, to_input
 from fashion_lightning.errors import UserError, reported_as_one_line
-from fashion_lightning.evaluate import load_trained, run_dir_of
 from fashion_lightning.train import CONFIG_DIR
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}

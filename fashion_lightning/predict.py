@@ -16,9 +16,9 @@ from omegaconf import DictConfig, ListConfig
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
+from fashion_lightning.checkpoint import load_trained
 from fashion_lightning.data import CLASS_NAMES, to_input
 from fashion_lightning.errors import UserError, reported_as_one_line
-from fashion_lightning.evaluate import load_trained
 from fashion_lightning.train import CONFIG_DIR
 
 INVERT = ("auto", "always", "never")
@@ -116,7 +116,7 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     if good:
         x = to_input(torch.stack([item.pixels for item in good]), scale)
         with torch.inference_mode():
-            probs = iter(model(x).softmax(dim=1))
+            probs = iter(model.predict_step(x)[0])
     results, k = [], min(int(cfg.top_k), len(CLASS_NAMES))
     for item in items:
         if item.error is not None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +18,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from fashion_lightning.callbacks import EpochTimer
+from fashion_lightning.checkpoint import check_compatible, read_checkpoint
 from fashion_lightning.errors import UserError, reported_as_one_line
-from fashion_lightning.module import ImageClassifier, check_compatible, read_checkpoint
-from fashion_lightning.runtime import tune_process
+from fashion_lightning.module import ImageClassifier
 
 CONFIG_DIR = str(next(p for p in (Path(__file__).parent / "conf", Path(__file__).parents[1] / "conf") if p.is_dir()))
 """The shipped configs: inside the installed package, or ``conf/`` at the top of a source checkout."""
+log = logging.getLogger(__name__)
 
 
 def check_accelerator(accelerator: str) -> None:
@@ -71,7 +74,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     ``cfg`` is the composed ``train`` config; ``cfg.paths.output_dir`` is the run directory.
     """
     start = time.perf_counter()
-    tune_process()
     check_accelerator(cfg.trainer.accelerator)
     if cfg.test_ckpt not in ("best", "last"):
         raise UserError(f"test_ckpt must be best or last, got {cfg.test_ckpt!r}")
@@ -115,15 +117,32 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
             write_report(model, datamodule, run_dir / "report", metrics_csv=run_dir / METRICS_CSV)
         write_json(run_dir / "results.json", results)
+        log.info("test accuracy %.4f (%s), %d steps in %.1f s; results: %s", results["test_acc"], results["tested"],
+                 results["steps"], results["wall_time_s"], run_dir / "results.json")
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         trainer.strategy.barrier("results written")  # no rank exits while rank 0 still writes
         torch.distributed.destroy_process_group()
     return results
 
 
+def route_lightning_logs() -> None:
+    """Lightning's messages and Python's warnings into the logging Hydra set up (the console and the run's
+    ``train.log``); Lightning's advertising tips dropped. Lightning gives its loggers a handler of their own when
+    it is imported before logging is configured, which kept them out of ``train.log``."""
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "torchmetrics"):
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = True
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: "Tip:" not in str(r.msg))
+    # a deprecation inside Lightning 2.6 itself, raised under torch 2.14: nothing a user can act on
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    logging.captureWarnings(True)
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """The Hydra entry point; returns ``cfg.optimized_metric`` from the results for sweepers."""
+    route_lightning_logs()
     with reported_as_one_line():
         return train(cfg).get(cfg.optimized_metric)
 

@@ -6,12 +6,15 @@ import gzip
 import struct
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from fashion_lightning.data import ensure_raw_files
+from fashion_lightning import FashionMNISTDataModule
+from fashion_lightning.files import ensure_raw_files
 from fashion_lightning.train import CONFIG_DIR
 
 N_TRAIN, N_TEST = 60_000, 10_000
@@ -60,13 +63,13 @@ def data_dir(fmnist_source: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 def _no_real_source(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Tests never read $FASHION_MNIST_DIR or the Debian folder unless they ask for it."""
     monkeypatch.delenv("FASHION_MNIST_DIR", raising=False)
-    monkeypatch.setattr("fashion_lightning.data.DEFAULT_SOURCE_DIR", str(tmp_path / "no-debian-data"))
+    monkeypatch.setattr("fashion_lightning.files.DEFAULT_SOURCE_DIR", str(tmp_path / "no-debian-data"))
 
 
 def quick_overrides(data_dir: Path, output_dir: Path) -> list[str]:
     """Overrides for a run of a few steps on the synthetic data, writing into ``output_dir``."""
     return [f"paths.data_dir={data_dir}", f"paths.output_dir={output_dir}", f"paths.output_root={output_dir.parent}",
-            "trainer=cpu", "trainer.max_epochs=1", "data.batches_per_step=2", "+trainer.limit_train_batches=10",
+            "trainer=cpu", "trainer.max_epochs=1", "+trainer.limit_train_batches=20",
             "+trainer.limit_val_batches=2",
             "~callbacks.progress_bar", "+trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false",
             "data.download=false",
@@ -88,3 +91,30 @@ def trained_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     overrides = [o for o in quick_overrides(data_dir, out) if o != "report=false"]
     train(compose_train(*overrides, "+trainer.limit_test_batches=2"))
     return out
+
+
+def fit_model(model: L.LightningModule, data_dir: Path, tmp_path: Path, callbacks: tuple = (),
+              data: dict | None = None, ckpt_path: Path | None = None, **trainer_kwargs: object) -> L.Trainer:
+    """Fit ``model`` on the synthetic data with a quiet CPU trainer (one validation batch, no sanity check,
+    logger or checkpoints unless asked for); return the trainer."""
+    settings = {"accelerator": "cpu", "logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
+                "enable_model_summary": False, "default_root_dir": tmp_path, "limit_val_batches": 1,
+                "num_sanity_val_steps": 0, **trainer_kwargs}
+    trainer = L.Trainer(callbacks=list(callbacks), **settings)
+    trainer.fit(model, datamodule=FashionMNISTDataModule(data_dir=str(data_dir), download=False, **(data or {})),
+                ckpt_path=ckpt_path)
+    return trainer
+
+
+class SaveWeightsAtEnd(L.Callback):
+    """Saves each rank's final weights to ``<dirpath>/rank<global rank>.pt`` (the DDP tests compare them)."""
+
+    takes_batch_lists = True
+
+    def __init__(self, dirpath: str) -> None:
+        self.dirpath = Path(dirpath)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        torch.save({k: v.detach().cpu() for k, v in pl_module.net.state_dict().items()},
+                   self.dirpath / f"rank{trainer.global_rank}.pt")

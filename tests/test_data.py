@@ -1,27 +1,14 @@
-"""FashionMNISTDataModule, BatchLoader and finding/validating the files."""
+"""FashionMNISTDataModule and BatchLoader: splits, batches, shards, resumable order, Lightning's data features."""
 
 from __future__ import annotations
 
-import gzip
-import shutil
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import pytest
 import torch
 
-from conftest import N_TEST, N_TRAIN, write_idx
 from fashion_lightning import CLASS_NAMES, BatchLoader, DenseBaseline, FashionMNISTDataModule, UserError
-from fashion_lightning.data import ensure_raw_files
-
-RAW = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
-
-
-def copy_source(fmnist_source: Path, tmp_path: Path) -> Path:
-    folder = tmp_path / "source"
-    shutil.copytree(fmnist_source, folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -29,101 +16,6 @@ def datamodule(data_dir: Path) -> FashionMNISTDataModule:
     dm = FashionMNISTDataModule(data_dir=str(data_dir), download=False)
     dm.setup()
     return dm
-
-
-def test_extracts_gz_source_into_torchvision_layout(fmnist_source: Path, tmp_path: Path) -> None:
-    raw = ensure_raw_files(tmp_path / "data", str(fmnist_source), download=False)
-    assert raw == tmp_path / "data" / "FashionMNIST" / "raw"
-    assert sorted(p.name for p in raw.iterdir()) == sorted(RAW)
-    assert (raw / "train-images-idx3-ubyte").stat().st_size == 16 + N_TRAIN * 784
-
-
-def test_existing_layout_needs_no_source(data_dir: Path, tmp_path: Path) -> None:
-    dm = FashionMNISTDataModule(data_dir=str(data_dir), source_dir=str(tmp_path / "nowhere"), download=False)
-    dm.prepare_data()  # the explicit but absent source is never consulted: the files are already there
-    dm.setup()
-    assert len(dm.test_set[1]) == N_TEST
-
-
-def test_source_from_environment_variable(fmnist_source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("FASHION_MNIST_DIR", str(fmnist_source))
-    dm = FashionMNISTDataModule(data_dir=str(tmp_path / "data"), download=False)
-    dm.prepare_data()
-    assert (tmp_path / "data" / "FashionMNIST" / "raw" / "t10k-labels-idx1-ubyte").is_file()
-
-
-def test_environment_variable_pointing_nowhere_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("FASHION_MNIST_DIR", str(tmp_path / "nowhere"))
-    with pytest.raises(UserError, match=r"\$FASHION_MNIST_DIR='.*nowhere' lacks the Fashion-MNIST files"):
-        FashionMNISTDataModule(data_dir=str(tmp_path / "data"), download=False).prepare_data()
-
-
-def test_missing_dataset_names_the_three_fixes(tmp_path: Path) -> None:
-    with pytest.raises(UserError) as info:
-        ensure_raw_files(tmp_path / "data", None, download=False)
-    message = str(info.value)
-    assert "(1) put torchvision's layout there" in message
-    assert "apt-get install dataset-fashion-mnist" in message and "FASHION_MNIST_DIR" in message
-    assert "(3) allow torchvision's download" in message
-
-
-def test_uncompressed_source_files_work_too(fmnist_source: Path, tmp_path: Path) -> None:
-    folder = tmp_path / "plain"
-    folder.mkdir()
-    for name in RAW:
-        with gzip.open(fmnist_source / f"{name}.gz") as src:
-            (folder / name).write_bytes(src.read())
-    ensure_raw_files(tmp_path / "data", str(folder), download=False)
-    assert (tmp_path / "data" / "FashionMNIST" / "raw" / RAW[0]).stat().st_size == 16 + N_TRAIN * 784
-
-
-@pytest.mark.parametrize(
-    ("name", "corrupt", "message"),
-    [
-        ("train-images-idx3-ubyte.gz", lambda p: p.write_bytes(p.read_bytes()[:5000]), "corrupt or truncated gzip"),
-        ("t10k-labels-idx1-ubyte.gz", lambda p: p.write_bytes(b"not gzip at all"), "corrupt or truncated gzip"),
-        ("t10k-images-idx3-ubyte.gz", lambda p: write_idx(p, np.zeros((N_TEST, 28, 28)), magic=2049),
-         "wrong IDX magic number 2049, expected 2051"),
-        ("t10k-images-idx3-ubyte.gz", lambda p: write_idx(p, np.zeros((N_TEST, 28, 27))),
-         r"IDX shape \[10000, 28, 27\]"),
-        ("t10k-labels-idx1-ubyte.gz", lambda p: write_idx(p, np.zeros(N_TEST - 1)), r"IDX shape \[9999\]"),
-        ("t10k-labels-idx1-ubyte.gz", lambda p: p.write_bytes(gzip.compress(gzip.decompress(p.read_bytes())[:-3])),
-         "10005 bytes, expected 10008"),
-    ],
-)
-def test_bad_files_are_named_and_never_extracted(fmnist_source: Path, tmp_path: Path, name: str, corrupt,
-                                                 message: str) -> None:
-    source = copy_source(fmnist_source, tmp_path)
-    corrupt(source / name)
-    with pytest.raises(UserError, match=message) as info:
-        ensure_raw_files(tmp_path / "data", str(source), download=False)
-    assert name in str(info.value)
-    raw = tmp_path / "data" / "FashionMNIST" / "raw"
-    assert not (raw / name.removesuffix(".gz")).exists()
-    assert not list(raw.glob("*.partial"))
-
-
-def test_truncated_file_already_in_data_dir(data_dir: Path, tmp_path: Path) -> None:
-    copy = tmp_path / "data"
-    shutil.copytree(data_dir, copy)
-    labels = copy / "FashionMNIST" / "raw" / "train-labels-idx1-ubyte"
-    labels.write_bytes(labels.read_bytes()[:-10])
-    with pytest.raises(UserError, match="train-labels-idx1-ubyte: 59998 bytes, expected 60008"):
-        FashionMNISTDataModule(data_dir=str(copy), download=False).setup()
-
-
-def test_label_out_of_range(fmnist_source: Path, tmp_path: Path) -> None:
-    source = copy_source(fmnist_source, tmp_path)
-    write_idx(source / "t10k-labels-idx1-ubyte.gz", np.full(N_TEST, 12))
-    with pytest.raises(UserError, match="t10k-labels-idx1-ubyte: label 12 outside 0..9"):
-        FashionMNISTDataModule(data_dir=str(tmp_path / "data"), source_dir=str(source), download=False).setup()
-
-
-def test_unwritable_data_dir(fmnist_source: Path, tmp_path: Path) -> None:
-    blocker = tmp_path / "file"
-    blocker.write_text("a file, not a folder")
-    with pytest.raises(UserError, match="is not writable"):
-        ensure_raw_files(blocker / "data", str(fmnist_source), download=False)
 
 
 def test_splits_sizes_disjoint_and_test_untouched(datamodule: FashionMNISTDataModule) -> None:
@@ -161,7 +53,7 @@ def test_val_split_count_fraction_or_test_set(data_dir: Path, val_split: float, 
         assert dm.val_set is dm.test_set
 
 
-@pytest.mark.parametrize("val_split", [-1, 60_000, 1.5, "half", True, 12.5])
+@pytest.mark.parametrize("val_split", [-1, 60_000, 1.0, 1.5, "half", True, 12.5, 5000.0, 0.99999999, 1e-9])
 def test_bad_val_split(val_split: object) -> None:
     with pytest.raises(UserError, match=f"data.val_split must be .* got {val_split!r}"):
         FashionMNISTDataModule(val_split=val_split)
@@ -235,48 +127,54 @@ def test_loader_follows_the_trainers_epoch() -> None:
     assert torch.equal(fourth, torch.cat([y for _, y in reference]))
 
 
-def test_grouped_loader_hands_out_the_same_batches_in_lists() -> None:
-    single = [(x, y) for x, y in make_loader(shuffle=True, seed=5)]
-    grouped = make_loader(shuffle=True, seed=5, batches_per_step=4)
-    lists = list(grouped)
-    assert len(grouped) == len(lists) == 3 and grouped.num_batches == 11
-    assert [len(group) for group in lists] == [4, 4, 3]  # 103 items: 10 full batches and one of 3
-    flat = [batch for group in lists for batch in group]
-    assert len(flat) == len(single)
-    for (x, y), (gx, gy) in zip(single, flat, strict=True):
-        assert torch.equal(x, gx) and torch.equal(y, gy)
+class FirstBatches(L.Callback):
+    """Records the labels of every training batch, per epoch."""
+
+    def __init__(self) -> None:
+        self.labels: dict[int, list[torch.Tensor]] = {}
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: object,
+                             batch_idx: int) -> None:
+        self.labels.setdefault(trainer.current_epoch, []).append(batch[1].clone())
 
 
-def test_grouped_loader_resumes_after_the_last_list() -> None:
-    expected = [y for group in make_loader(shuffle=True, batches_per_step=4) for _, y in group]
-    loader = make_loader(shuffle=True, batches_per_step=4)
-    it = iter(loader)
-    head = [y for _, y in next(it)]
-    resumed = make_loader(shuffle=True, batches_per_step=4, epoch_of=lambda: 0)
-    resumed.load_state_dict(loader.state_dict())
-    rest = [y for group in resumed for _, y in group]
-    assert all(torch.equal(a, b) for a, b in zip(head + rest, expected, strict=True))
-
-
-def test_grouping_is_for_training_on_one_device_only(data_dir: Path) -> None:
-    dm = FashionMNISTDataModule(data_dir=str(data_dir), download=False, batches_per_step=8)
-    assert dm.train_dataloader().batches_per_step == 8
-    assert dm.val_dataloader().batches_per_step == dm.test_dataloader().batches_per_step == 1
-    ddp = FashionMNISTDataModule(data_dir=str(data_dir), download=False, batches_per_step=8)
-    ddp.trainer = L.Trainer(accelerator="cpu", strategy="ddp", devices=1, logger=False)
-    assert ddp.train_dataloader().batches_per_step == 1  # DDP synchronises once per forward of its wrapper
-
-
-def test_bad_batches_per_step() -> None:
-    with pytest.raises(UserError, match="data.batches_per_step must be a positive integer, got 0"):
-        FashionMNISTDataModule(batches_per_step=0)
+def fit(dm: FashionMNISTDataModule, tmp_path: Path, **trainer_kwargs: object) -> tuple[L.Trainer, FirstBatches]:
+    spy = FirstBatches()
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        accelerator="cpu", default_root_dir=tmp_path, callbacks=[spy], **trainer_kwargs)
+    trainer.fit(DenseBaseline(), datamodule=dm)
+    return trainer, spy
 
 
 def test_a_datamodule_reused_by_a_new_trainer_starts_at_its_epoch_0(data_dir: Path, tmp_path: Path) -> None:
     dm = FashionMNISTDataModule(data_dir=str(data_dir), download=False)
-    for epochs in (2, 1):
-        trainer = L.Trainer(max_epochs=epochs, limit_train_batches=2, limit_val_batches=1, logger=False,
-                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                            accelerator="cpu", default_root_dir=tmp_path)
-        trainer.fit(DenseBaseline(), datamodule=dm)
-    assert dm.train_dataloader().state_dict()["epoch"] == 0  # the order of the second trainer's first epoch
+    (_, first), (_, again) = (fit(dm, tmp_path, max_epochs=epochs, limit_train_batches=2, limit_val_batches=1)
+                              for epochs in (2, 1))
+    assert not torch.equal(first.labels[0][0], first.labels[1][0])  # each epoch its own order
+    assert torch.equal(again.labels[0][0], first.labels[0][0])  # the second trainer's epoch 0 is epoch 0
+
+
+def test_overfit_batches_repeats_the_same_unshuffled_batches(data_dir: Path, tmp_path: Path) -> None:
+    dm = FashionMNISTDataModule(data_dir=str(data_dir), download=False)
+    trainer, spy = fit(dm, tmp_path, max_epochs=3, overfit_batches=2)
+    assert trainer.num_training_batches == 2 and sorted(spy.labels) == [0, 1, 2]
+    for epoch in (1, 2):
+        assert all(torch.equal(a, b) for a, b in zip(spy.labels[epoch], spy.labels[0], strict=True))
+    dm.setup()
+    assert torch.equal(spy.labels[0][0], dm.train_set[1][:32])  # in the data's own order, as Lightning does
+
+
+def test_scale_batch_size_finds_a_size_and_trains_with_it(data_dir: Path, tmp_path: Path) -> None:
+    from lightning.pytorch.tuner import Tuner
+
+    dm = FashionMNISTDataModule(data_dir=str(data_dir), download=False, batch_size=2)
+    spy = FirstBatches()
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=1, logger=False, accelerator="cpu",
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path, callbacks=[spy])
+    model = DenseBaseline()
+    found = Tuner(trainer).scale_batch_size(model, datamodule=dm, mode="power", steps_per_trial=1, init_val=4,
+                                            max_trials=3)
+    assert found == 16 and dm.hparams.batch_size == 16  # trials of 4, 8, 16: no memory error on this CPU
+    trainer.fit(model, datamodule=dm)
+    assert [len(labels) for labels in spy.labels[0]] == [16, 16, 16]  # the size found is the size fed

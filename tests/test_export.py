@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fashion_lightning import FashionMNISTDataModule
-from fashion_lightning.module import load_model
+from fashion_lightning.checkpoint import load_model
 
 
 def export(*args: str, cwd: Path) -> subprocess.CompletedProcess:

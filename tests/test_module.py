@@ -1,24 +1,22 @@
-"""The LightningModules: they learn, reload from a checkpoint alone, predict probabilities, reject bad settings."""
+"""The LightningModules by default: they learn, reload, and every Trainer feature works as Lightning documents it."""
 
 from __future__ import annotations
 
-import os
+import csv
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import pytest
 import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.precision import MixedPrecision
+from lightning.pytorch.tuner import Tuner
 
-from fashion_lightning import CNN, DenseBaseline, DenseNet, FashionMNISTDataModule, UserError
-from fashion_lightning.module import check_compatible, load_model, read_checkpoint
-
-
-def fit_briefly(model: L.LightningModule, data_dir: Path, tmp_path: Path, steps: int = 60) -> L.Trainer:
-    trainer = L.Trainer(max_steps=steps, limit_val_batches=1, default_root_dir=tmp_path, logger=False,
-                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
-    trainer.fit(model, datamodule=FashionMNISTDataModule(data_dir=str(data_dir), download=False))
-    return trainer
+from conftest import fit_model
+from fashion_lightning import CNN, DenseBaseline, FashionMNISTDataModule, UserError
 
 
 @pytest.mark.parametrize("cls", [CNN, DenseBaseline])
@@ -31,34 +29,29 @@ def test_training_learns_the_synthetic_classes(cls: type, data_dir: Path, tmp_pa
     (before,) = trainer.test(model, datamodule=dm, verbose=False)
     trainer.fit(model, datamodule=dm)
     (after,) = trainer.test(model, datamodule=dm, verbose=False)
+    assert model.automatic_optimization and trainer.global_step == 60
     assert before["test/acc"] < 0.3
     assert after["test/acc"] >= 0.9 and after["test/loss"] < before["test/loss"]
 
 
 def test_checkpoint_reloads_with_load_from_checkpoint_alone(data_dir: Path, tmp_path: Path) -> None:
     model = CNN(kernel_size=5, hidden=64, lr=2e-3, eps=1e-7, keras_init=True)
-    trainer = fit_briefly(model, data_dir, tmp_path, steps=5)
+    trainer = fit_model(model, data_dir, tmp_path, max_steps=5)
     path = tmp_path / "model.ckpt"
     trainer.save_checkpoint(path)
     reloaded = CNN.load_from_checkpoint(path)
     assert reloaded.hparams.kernel_size == 5 and reloaded.hparams.hidden == 64 and reloaded.hparams.eps == 1e-7
     assert reloaded.hparams.lr == 2e-3
     x = torch.rand(4, 1, 28, 28)
-    model.eval()
-    assert torch.equal(reloaded.eval()(x), model(x))
-    assert torch.equal(load_model(path)(x), model(x))
-    assert isinstance(load_model(path), CNN)
+    assert torch.equal(reloaded.eval()(x), model.eval()(x))
 
 
 def test_val_acc_best_tracks_the_maximum(data_dir: Path, tmp_path: Path) -> None:
-    model = DenseBaseline()
-    trainer = L.Trainer(max_epochs=3, limit_train_batches=3, limit_val_batches=2, default_root_dir=tmp_path,
-                        logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
-                        enable_checkpointing=False)
     seen = []
-    trainer.callbacks.append(type("Spy", (L.Callback,), {"on_validation_end": lambda self, t, m: t.sanity_checking or
-        seen.append((float(t.callback_metrics["val/acc"]), float(t.callback_metrics["val/acc_best"])))})())
-    trainer.fit(model, datamodule=FashionMNISTDataModule(data_dir=str(data_dir), download=False))
+    spy = type("Spy", (L.Callback,), {"on_validation_end": lambda self, t, m: seen.append(
+        (float(t.callback_metrics["val/acc"]), float(t.callback_metrics["val/acc_best"])))})()
+    fit_model(DenseBaseline(), data_dir, tmp_path, callbacks=(spy,), max_epochs=3, limit_train_batches=3,
+              limit_val_batches=2)
     assert len(seen) == 3
     assert [best for _, best in seen] == [max(acc for acc, _ in seen[: i + 1]) for i in range(len(seen))]
 
@@ -70,11 +63,12 @@ def test_predict_step_returns_probabilities_and_classes() -> None:
     assert torch.equal(classes, probs.argmax(1))
 
 
-def test_onecycle_schedule_steps_the_learning_rate(data_dir: Path, tmp_path: Path) -> None:
+def test_onecycle_runs_to_its_end_over_the_fit(data_dir: Path, tmp_path: Path) -> None:
     model = CNN(schedule="onecycle", lr=0.01)
-    trainer = fit_briefly(model, data_dir, tmp_path, steps=10)
-    assert trainer.lr_scheduler_configs[0].interval == "step"
-    assert trainer.optimizers[0].param_groups[0]["lr"] < 0.001
+    trainer = fit_model(model, data_dir, tmp_path, max_epochs=2, limit_train_batches=6)
+    scheduler = trainer.lr_scheduler_configs[0].scheduler
+    assert trainer.global_step == scheduler.total_steps == scheduler.last_epoch == 12
+    assert trainer.optimizers[0].param_groups[0]["lr"] < 0.01 / 10  # annealed down from the peak at the end
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
@@ -82,122 +76,208 @@ def test_onecycle_schedule_steps_the_learning_rate(data_dir: Path, tmp_path: Pat
     ({"lr": -1e-3}, "model.lr must be a positive number, got -0.001"),
     ({"eps": "big"}, "model.eps must be a positive number, got 'big'"),
     ({"schedule": "cosine"}, "model.schedule must be one of constant, onecycle, got 'cosine'"),
+    ({"batches_per_step": 0}, "model.batches_per_step must be a positive integer, got 0"),
 ])
 def test_bad_optimizer_settings(kwargs: dict, message: str) -> None:
     with pytest.raises(UserError, match=message):
         CNN(**kwargs)
 
 
-def test_checkpoint_errors(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match="does not exist"):
-        read_checkpoint(tmp_path / "missing.ckpt")
-    corrupt = tmp_path / "corrupt.ckpt"
-    corrupt.write_bytes(b"\x00garbage" * 10)
-    with pytest.raises(UserError, match="is not a readable checkpoint"):
-        read_checkpoint(corrupt)
-    foreign = tmp_path / "foreign.ckpt"
-    torch.save({"state_dict": {}}, foreign)
-    with pytest.raises(UserError, match="is not a fashion_lightning checkpoint"):
-        read_checkpoint(foreign)
+class Textbook(DenseBaseline):
+    """A subclass written the way Lightning's documentation writes a training step."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("my_loss", loss)
+        return loss
 
 
-def test_checkpoint_of_another_architecture(data_dir: Path, tmp_path: Path) -> None:
-    trainer = fit_briefly(CNN(kernel_size=5), data_dir, tmp_path, steps=1)
-    path = tmp_path / "k5.ckpt"
-    trainer.save_checkpoint(path)
-    check_compatible(read_checkpoint(path), CNN(kernel_size=5), path)
-    with pytest.raises(UserError, match=r"holds a CNN \{'filters': 32, 'kernel_size': 5, 'hidden': 128\}, another "
-                                        r"architecture than the configured CNN \{'filters': 32, 'kernel_size': 3"):
-        check_compatible(read_checkpoint(path), CNN(kernel_size=3), path)
-    with pytest.raises(UserError, match="another architecture than the configured DenseBaseline"):
-        check_compatible(read_checkpoint(path), DenseBaseline(), path)
+def test_a_subclass_with_a_textbook_training_step_trains(data_dir: Path, tmp_path: Path) -> None:
+    model = Textbook()
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = fit_model(model, data_dir, tmp_path, max_steps=8)
+    assert trainer.global_step == 8 and "my_loss" in trainer.callback_metrics
+    assert "train/acc" not in trainer.callback_metrics  # its step keeps no accuracy: none is reported
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
-def fit_grouped(model: L.LightningModule, data_dir: Path, tmp_path: Path, batches_per_step: int,
-                **trainer_kwargs: object) -> L.Trainer:
-    trainer = L.Trainer(limit_val_batches=1, default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=False, accelerator="cpu", **trainer_kwargs)
-    trainer.fit(model, datamodule=FashionMNISTDataModule(data_dir=str(data_dir), download=False,
-                                                         batches_per_step=batches_per_step))
-    return trainer
+class GradientsAtStep(L.Callback):
+    """Records the gradients the optimizer stepped with (after Lightning's clipping), through a step post-hook."""
+
+    def __init__(self) -> None:
+        self.grads: list[list[torch.Tensor]] = []
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        trainer.optimizers[0].register_step_post_hook(lambda opt, *_: self.grads.append(
+            [p.grad.clone() for group in opt.param_groups for p in group["params"]]))
 
 
-@pytest.mark.parametrize("cls", [CNN, DenseBaseline])
-def test_batches_per_step_is_the_same_math(cls: type, data_dir: Path, tmp_path: Path) -> None:
-    results = []
-    for per_step in (1, 7):  # 7 does not divide the 21 batches: the last list is shorter
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_gradient_clipping_clips(algorithm: str, data_dir: Path, tmp_path: Path) -> None:
+    clipped, free = GradientsAtStep(), GradientsAtStep()
+    for spy, clip in ((clipped, 0.05), (free, None)):
         torch.manual_seed(0)
-        model = cls(schedule="onecycle")
-        trainer = fit_grouped(model, data_dir, tmp_path, per_step, max_epochs=2, limit_train_batches=21 // per_step)
-        results.append((trainer.global_step, trainer.callback_metrics["train/acc"],
-                        trainer.callback_metrics["train/loss"], model.state_dict()))
-    (steps, acc, loss, weights), (steps7, acc7, loss7, weights7) = results
-    assert steps == steps7 == 42  # global_step counts optimizer steps, one per batch
-    assert torch.equal(acc, acc7) and torch.allclose(loss, loss7, rtol=1e-6)  # the mean sums in another order
-    assert all(torch.equal(weights[k], weights7[k]) for k in weights)
+        fit_model(DenseBaseline(), data_dir, tmp_path, callbacks=(spy,), max_steps=4, gradient_clip_val=clip,
+                  gradient_clip_algorithm=algorithm)
+
+    def size(grads: list[torch.Tensor]) -> float:
+        flat = torch.cat([g.flatten() for g in grads])
+        return float(flat.norm() if algorithm == "norm" else flat.abs().max())
+
+    assert len(clipped.grads) == 4
+    assert all(size(g) <= 0.05 * (1 + 1e-5) for g in clipped.grads)
+    assert all(size(g) > 0.05 for g in free.grads)  # unclipped they are larger: the clip took effect
 
 
-def spy_on_the_dense_step_by_hand(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
-    """Record, for every call of `DenseNet.loss_and_grads`, whether it computed the step (not ``None``)."""
-    by_hand, used = DenseNet.loss_and_grads, []
-
-    def spy(net: DenseNet, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        result = by_hand(net, x, y)
-        used.append(result is not None)
-        return result
-
-    monkeypatch.setattr(DenseNet, "loss_and_grads", spy)
-    return used
-
-
-def test_the_dense_net_trains_by_hand_as_autograd_would(data_dir: Path, tmp_path: Path,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    results, used = [], spy_on_the_dense_step_by_hand(monkeypatch)
-    for autograd in (False, True):
-        if autograd:
-            monkeypatch.setattr(DenseNet, "loss_and_grads", lambda net, x, y: None)
+def test_gradient_accumulation_steps_once_per_group_of_batches(data_dir: Path, tmp_path: Path) -> None:
+    weights = []
+    for batch_size, accumulate, batches in ((8, 4, 8), (32, 1, 2)):  # 4 batches of 8 = one of 32, the same samples
         torch.manual_seed(0)
-        model = DenseBaseline(keras_init=True, schedule="onecycle")
-        trainer = fit_grouped(model, data_dir, tmp_path, 4, max_steps=12)
-        results.append((trainer.callback_metrics["train/loss"], [p.detach().clone() for p in model.parameters()]))
-    assert len(used) == 12 and all(used)  # the first run took every step by hand
-    (loss, weights), (loss_ref, weights_ref) = results
-    assert torch.allclose(loss, loss_ref, rtol=1e-5)
-    for a, b in zip(weights, weights_ref, strict=True):
-        assert torch.allclose(a, b, atol=1e-5)
+        model = DenseBaseline()
+        trainer = fit_model(model, data_dir, tmp_path, max_epochs=1, limit_train_batches=batches,
+                            accumulate_grad_batches=accumulate, data={"batch_size": batch_size})
+        assert trainer.global_step == 2
+        weights.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*weights, strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
 
 
-def test_ddp_keeps_autograd_which_averages_its_gradients(data_dir: Path, tmp_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    used = spy_on_the_dense_step_by_hand(monkeypatch)
-    environ = dict(os.environ)
+HOOKS = ("on_before_backward", "on_after_backward", "on_before_optimizer_step", "on_before_zero_grad",
+         "on_train_batch_start", "on_train_batch_end")
+
+
+class CountHooks(L.Callback):
+    def __init__(self) -> None:
+        self.calls = dict.fromkeys(HOOKS, 0)
+        self.grad_norms: list[float] = []
+
+    def __getattribute__(self, name: str) -> Any:
+        if name in HOOKS:
+            def hook(trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+                self.calls[name] += 1
+                if name == "on_after_backward":
+                    self.grad_norms.append(float(torch.cat([p.grad.flatten() for p in pl_module.parameters()]).norm()))
+            return hook
+        return super().__getattribute__(name)
+
+
+class HookedModule(DenseBaseline):
+    def __init__(self) -> None:
+        super().__init__()
+        self.module_calls = dict.fromkeys(HOOKS[:4], 0)
+
+    def on_before_backward(self, loss: torch.Tensor) -> None:
+        self.module_calls["on_before_backward"] += 1
+
+    def on_after_backward(self) -> None:
+        self.module_calls["on_after_backward"] += 1
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self.module_calls["on_before_optimizer_step"] += 1
+
+    def on_before_zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
+        self.module_calls["on_before_zero_grad"] += 1
+
+
+def test_every_backward_and_optimizer_hook_is_called(data_dir: Path, tmp_path: Path) -> None:
+    spy, model = CountHooks(), HookedModule()
+    for hook in HOOKS:  # Lightning dispatches a hook only where it is overridden
+        setattr(CountHooks, hook, lambda *args: None)
     try:
-        trainer = fit_grouped(DenseBaseline(), data_dir, tmp_path, 1, max_steps=3, strategy="ddp", devices=1)
-    finally:  # DDP leaves LOCAL_RANK, MASTER_PORT... and its process group: later runs would think themselves ranks
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-        os.environ.clear()
-        os.environ.update(environ)
-    assert trainer.global_step == 3 and not used
+        fit_model(model, data_dir, tmp_path, callbacks=(spy,), max_steps=5)
+    finally:
+        for hook in HOOKS:
+            delattr(CountHooks, hook)
+    assert spy.calls == dict.fromkeys(HOOKS, 5) and model.module_calls == dict.fromkeys(HOOKS[:4], 5)
+    assert len(spy.grad_norms) == 5 and all(n > 0 for n in spy.grad_norms)  # grad-norm logging gets gradients
 
 
-def test_onecycle_runs_to_its_end_over_grouped_batches(data_dir: Path, tmp_path: Path) -> None:
-    model = CNN(schedule="onecycle", lr=0.01)
-    trainer = fit_grouped(model, data_dir, tmp_path, 4, max_epochs=2, limit_train_batches=3)
-    scheduler = trainer.lr_scheduler_configs[0].scheduler
-    assert trainer.global_step == scheduler.total_steps == scheduler.last_epoch == 24  # to its end, not cut short
+class Scheduled(DenseBaseline):
+    """A subclass with its own optimizer and scheduler configuration."""
+
+    def __init__(self, interval: str, frequency: int, plateau: bool = False) -> None:
+        super().__init__()
+        self.interval, self.frequency, self.plateau = interval, frequency, plateau
+
+    def configure_optimizers(self) -> dict:
+        optimizer = torch.optim.SGD(self.parameters(), lr=1.0)
+        scheduler = (torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=0, threshold=1e9) if self.plateau
+                     else torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5))
+        config = {"scheduler": scheduler, "interval": self.interval, "frequency": self.frequency}
+        return {"optimizer": optimizer, "lr_scheduler": {**config, "monitor": "val/loss"} if self.plateau else config}
 
 
-def test_max_steps_stops_inside_a_list_of_batches(data_dir: Path, tmp_path: Path) -> None:
-    trainer = fit_grouped(CNN(schedule="onecycle"), data_dir, tmp_path, 4, max_steps=10)
-    assert trainer.global_step == 10 and trainer.lr_scheduler_configs[0].scheduler.total_steps == 10
+SCHEDULES = [("epoch", 1, 3), ("epoch", 2, 1), ("step", 1, 12), ("step", 3, 3), ("step", 5, 0)]
 
 
-def test_a_gradient_scaler_takes_lightnings_full_optimizer_path(data_dir: Path, tmp_path: Path) -> None:
-    scaler = torch.amp.GradScaler("cpu")
-    plugin = MixedPrecision("16-mixed", "cpu", scaler=scaler)
+@pytest.mark.parametrize(("interval", "frequency", "expected"), SCHEDULES)
+def test_schedulers_step_by_their_interval_and_frequency(interval: str, frequency: int, expected: int, data_dir: Path,
+                                                          tmp_path: Path) -> None:
+    model = Scheduled(interval, frequency)
+    trainer = fit_model(model, data_dir, tmp_path, max_epochs=3, limit_train_batches=4)
+    assert trainer.global_step == 12  # 3 epochs of 4 batches; a "step" frequency counts batches within an epoch
+    assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == expected
+    assert trainer.optimizers[0].param_groups[0]["lr"] == 0.5**expected
+
+
+def test_a_plateau_scheduler_reads_its_monitored_metric(data_dir: Path, tmp_path: Path) -> None:
+    trainer = fit_model(Scheduled("epoch", 1, plateau=True), data_dir, tmp_path, max_epochs=3, limit_train_batches=2)
+    assert trainer.optimizers[0].param_groups[0]["lr"] < 1.0  # an impossible threshold: reduced after each epoch
+
+
+def test_lr_find_suggests_and_applies_a_learning_rate(data_dir: Path, tmp_path: Path) -> None:
+    model = DenseBaseline()
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    finder = Tuner(trainer).lr_find(model, datamodule=FashionMNISTDataModule(data_dir=str(data_dir), download=False),
+                                    num_training=30, min_lr=1e-5, max_lr=1.0, early_stop_threshold=None)
+    suggestion = finder.suggestion()
+    assert isinstance(suggestion, float) and 1e-5 < suggestion < 1.0
+    assert len(finder.results["loss"]) == 30 and model.hparams.lr == suggestion  # update_attr applied it
+
+
+def test_per_step_train_loss_reaches_the_logger_every_n_steps(data_dir: Path, tmp_path: Path) -> None:
+    fit_model(CNN(), data_dir, tmp_path, logger=CSVLogger(tmp_path, name="logs", version=""), max_epochs=2,
+              limit_train_batches=12, log_every_n_steps=5)
+    rows = list(csv.DictReader(open(tmp_path / "logs" / "metrics.csv")))
+    step_rows = [int(r["step"]) for r in rows if r["train/loss_step"]]
+    assert step_rows == [4, 9, 14, 19]  # Lightning logs at (step + 1) % 5 == 0, 24 steps
+    epoch_rows = [(int(r["epoch"]), int(r["step"])) for r in rows if r["train/acc"]]
+    assert epoch_rows == [(0, 11), (1, 23)]
+
+
+def test_fast_dev_run_limits_and_val_check_interval(data_dir: Path, tmp_path: Path) -> None:
+    validations = []
+    spy = type("Spy", (L.Callback,), {"on_validation_start": lambda self, t, m: validations.append(t.global_step)})()
+    trainer = fit_model(DenseBaseline(), data_dir, tmp_path, callbacks=(spy,), fast_dev_run=2)
+    assert trainer.global_step == 2 and validations == [2]
+    validations.clear()
+    trainer = fit_model(DenseBaseline(), data_dir, tmp_path, callbacks=(spy,), max_epochs=1, limit_train_batches=12,
+                        val_check_interval=4)
+    assert trainer.global_step == 12 and validations == [4, 8, 12]
+    validations.clear()
+    trainer = fit_model(DenseBaseline(), data_dir, tmp_path, callbacks=(spy,), max_epochs=1, limit_train_batches=0.01)
+    assert trainer.global_step == trainer.num_training_batches == int(1719 * 0.01)
+
+
+def test_checkpoints_every_n_training_steps(data_dir: Path, tmp_path: Path) -> None:
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{step}", every_n_train_steps=3, save_top_k=-1)
+    fit_model(DenseBaseline(), data_dir, tmp_path, callbacks=(checkpoint,), enable_checkpointing=True, max_steps=9)
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step=3.ckpt", "step=6.ckpt", "step=9.ckpt"]
+
+
+def fp16_with_a_scaler() -> MixedPrecision:
+    return MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+
+
+@pytest.mark.parametrize(("precision", "dtype"), [("bf16-mixed", torch.float32), ("64-true", torch.float64),
+                                                  (fp16_with_a_scaler, torch.float32)])
+def test_precision_plugins_train(precision: Any, dtype: torch.dtype, data_dir: Path, tmp_path: Path) -> None:
+    torch.manual_seed(0)
     model = DenseBaseline()
     before = [p.detach().clone() for p in model.parameters()]
-    trainer = fit_grouped(model, data_dir, tmp_path, 5, max_steps=12, plugins=[plugin])
-    assert trainer.global_step == 12 and scaler._scale is not None  # the scaler scaled the losses
-    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    setting = {"plugins": [precision()]} if callable(precision) else {"precision": precision}
+    trainer = fit_model(model, data_dir, tmp_path, max_steps=6, **setting)
+    assert trainer.global_step == 6 and all(p.dtype == dtype for p in model.parameters())
+    assert all(not torch.equal(a.to(dtype), b) for a, b in zip(before, model.parameters(), strict=True))

@@ -2,20 +2,34 @@
 
 from __future__ import annotations
 
+import site
 import subprocess
 import sys
+import sysconfig
 import venv
 from pathlib import Path
 
 ROOT = Path(__file__).parents[1]
 
 
+def isolated_python(where: Path) -> str:
+    """A fresh virtual environment that sees this interpreter's installed packages (torch, lightning, ...) but not
+    this checkout: the parent's site directories are appended to its path without running their ``.pth`` files,
+    so an editable install of fashion_lightning stays out. Works from a venv as from the system interpreter."""
+    venv.create(where, with_pip=False)
+    python = where / "bin" / "python"
+    own = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                         check=True, capture_output=True, text=True).stdout.strip()
+    parents = dict.fromkeys([*site.getsitepackages(), sysconfig.get_paths()["purelib"]])
+    (Path(own) / "parent-site-packages.pth").write_text("\n".join(parents) + "\n")
+    return str(python)
+
+
 def test_wheel_installs_with_configs_and_runs_from_anywhere(tmp_path: Path) -> None:
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
                     str(tmp_path / "dist"), str(ROOT)], check=True, capture_output=True)
     (wheel,) = (tmp_path / "dist").glob("fashion_lightning-*.whl")
-    venv.create(tmp_path / "venv", system_site_packages=True, with_pip=False)
-    python = str(tmp_path / "venv" / "bin" / "python")
+    python = isolated_python(tmp_path / "venv")
     subprocess.run([python, "-m", "pip", "install", "--no-deps", "-q", str(wheel)], check=True, capture_output=True)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -24,6 +38,7 @@ def test_wheel_installs_with_configs_and_runs_from_anywhere(tmp_path: Path) -> N
                            text=True).stdout.split()
     assert all(str(tmp_path / "venv") in line for line in lines), lines
     assert (Path(lines[0]) / "experiment" / "seed_cnn.yaml").is_file()
+    assert (Path(lines[0]) / "speed" / "reference.yaml").is_file()
     job = subprocess.run([python, "-m", "fashion_lightning.train", "experiment=seed_dense", "--cfg", "job"],
                          cwd=elsewhere, check=True, capture_output=True, text=True).stdout
-    assert "_target_: fashion_lightning.DenseBaseline" in job and "max_epochs: 10" in job
+    assert "_target_: fashion_lightning.DenseBaseline" in job and "max_epochs: 10" in job and "fast: true" in job

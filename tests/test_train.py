@@ -17,8 +17,8 @@ from hydra.utils import instantiate
 
 from conftest import compose_train, quick_overrides
 from fashion_lightning import CNN, DenseBaseline, FashionMNISTDataModule
+from fashion_lightning.checkpoint import load_model
 from fashion_lightning.errors import UserError, reported_as_one_line
-from fashion_lightning.module import load_model
 from fashion_lightning.train import check_accelerator, train
 
 TRAINERS = ["default", "cpu", "gpu", "ddp", "ddp_cpu"]
@@ -73,6 +73,26 @@ def test_train_returns_metrics_and_writes_a_reloadable_run(model: str, data_dir:
     assert isinstance(reloaded, CNN if model == "cnn" else DenseBaseline)
     rows = list(csv.DictReader(open(out / "logs" / "metrics.csv")))
     assert any(row["val/acc"] for row in rows) and any(row["train/acc"] for row in rows)
+
+
+@pytest.mark.parametrize("speed", ["fast", "reference"])
+def test_the_speed_group_switches_the_fast_option(speed: str, data_dir: Path, tmp_path: Path) -> None:
+    cfg = compose_train(f"speed={speed}", *quick_overrides(data_dir, tmp_path / "run"))
+    assert cfg.model.fast == (speed == "fast") and compose_train().model.fast  # the app's default: fast
+    results = train(cfg)
+    assert results["steps"] == 20 and results["val_acc_best"] > 0.3
+
+
+def test_a_run_logs_to_train_log_without_lightnings_tips(data_dir: Path, tmp_path: Path) -> None:
+    skip = ("paths.output", "+trainer.enable_model_summary")
+    overrides = [o for o in quick_overrides(data_dir, tmp_path) if not o.startswith(skip)]
+    done = run_cli(*overrides, "model=dense", "paths.output_root=outs", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run_dir,) = (tmp_path / "outs" / "runs").iterdir()
+    log = (run_dir / "train.log").read_text()
+    assert "`Trainer.fit` stopped" in log and "test accuracy" in log and str(run_dir / "results.json") in log
+    assert "Total Flops" in log and "0         Total Flops" not in log  # the summary's FLOPs of a real input
+    assert "Tip:" not in done.stdout + done.stderr + log
 
 
 def test_test_ckpt_last_reports_the_final_weights(data_dir: Path, tmp_path: Path) -> None:
@@ -139,6 +159,8 @@ def test_sweep_preset_selects_the_kernel_sizes() -> None:
     (["no_such_key=1"], "Could not override 'no_such_key'"),
     (["model.kernel_size=three"], "error: model.kernel_size must be a positive integer, got 'three'"),
     (["paths.output_root=blocker/outs"], "error: paths.output_root='blocker/outs' is not writable"),
+    (["+trainer.gradient_clip_val=1.0"], "error: fast=True cannot honour Trainer(gradient_clip_val=1.0); use the "
+                                         "textbook path: fast=False (speed=reference in the app)"),
 ])
 def test_cli_bad_input_is_one_clear_error(args: list[str], message: str, data_dir: Path, tmp_path: Path) -> None:
     (tmp_path / "blocker").write_text("a file where a folder should be")
@@ -160,6 +182,9 @@ def test_cli_bad_input_is_one_clear_error(args: list[str], message: str, data_di
     (["data.batch_size=-8"], "data.batch_size must be a positive integer, got -8"),
     (["data.val_split=-5"], "data.val_split must be 0 (validate on the test set)"),
     (["data.val_split=60000"], "data.val_split must be 0 (validate on the test set)"),
+    (["data.val_split=1.0"], "data.val_split must be 0 (validate on the test set), a count in 1..59999 or a fraction "
+                             "in (0, 1), got 1.0"),
+    (["model.batches_per_step=0"], "model.batches_per_step must be a positive integer, got 0"),
     (["ckpt_path=missing.ckpt"], "ckpt_path='missing.ckpt' does not exist"),
     (["ckpt_path=last"], "ckpt_path=last but no interrupted.ckpt or last.ckpt exists under"),
     (["paths.data_dir=blocker/data"], "is not writable"),
@@ -183,6 +208,6 @@ def test_bad_settings_are_one_clear_error(args: list[str], message: str, tmp_pat
 def test_help_lists_groups_and_options(tmp_path: Path) -> None:
     done = run_cli("--help", cwd=tmp_path)
     assert done.returncode == 0
-    for line in ("model: cnn, dense", "trainer: cpu, ddp, ddp_cpu, default, gpu",
+    for line in ("model: cnn, dense", "speed: fast, reference", "trainer: cpu, ddp, ddp_cpu, default, gpu",
                  "experiment: fast_cnn, seed_cnn, seed_dense", "sweep: kernel_size", "logger: csv, tensorboard"):
         assert line in done.stdout

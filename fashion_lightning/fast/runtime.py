@@ -1,4 +1,4 @@
-"""Process-wide CPU settings that make small-batch training fast without changing any result."""
+"""Process-wide settings that make small-batch training fast without changing any result (the fast option's)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import os
 import platform
 
 import torch
+
+from fashion_lightning.fast import private
 
 MMAP_THRESHOLD = 32 << 20
 """Blocks up to this size come from malloc's heap, not from fresh pages mapped for each allocation."""
@@ -20,13 +22,12 @@ def tune_process() -> dict[str, bool]:
 
     ``heap``: glibc's malloc keeps freed blocks for reuse. A training step allocates and frees several
     MB of activations and gradients; by default each block above 128 KiB is mapped fresh and returned to the
-    kernel on free, so every step pays page faults on first touch: about half of a batch-32 CNN step on a
-    2-core CPU (``benchmarks/lightning_overhead.py`` shows it). The cost: the process keeps its peak heap.
+    kernel on free, so every step pays page faults on first touch. The cost: the process keeps its peak heap.
 
     ``nvml``: Lightning sets ``PYTORCH_NVML_BASED_CUDA_CHECK=1`` so that CUDA checks do not poison forks.
     On a CUDA build of torch without a working NVML (a machine without an NVIDIA driver), every check then
-    tries NVML, fails, and falls back to the CUDA runtime anyway; ``torch.optim`` checks on every
-    ``step()``, ~40 us each. Only there is the variable unset; it protected nothing.
+    tries NVML, fails, and falls back to the CUDA runtime anyway, and ``torch.optim`` checks on every
+    ``step()``. Only there is the variable unset; it protected nothing.
     """
     return {"heap": _keep_heap(), "nvml": _skip_failing_nvml_check()}
 
@@ -41,7 +42,7 @@ def _keep_heap() -> bool:
 def _skip_failing_nvml_check() -> bool:
     if os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK") != "1" or not torch.backends.cuda.is_built():
         return False
-    if torch.cuda._device_count_nvml() >= 0:  # NVML works: the check does its job
+    if private.nvml_device_count() >= 0:  # NVML works (or we cannot tell): the check does its job
         return False
     os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "0"
     return True

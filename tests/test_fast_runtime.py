@@ -8,7 +8,7 @@ import platform
 import pytest
 import torch
 
-from fashion_lightning.runtime import tune_process
+from fashion_lightning.fast.runtime import tune_process
 
 
 @pytest.mark.parametrize(("nvml_devices", "unset"), [(-1, True), (0, False), (2, False)])

@@ -1,18 +1,15 @@
-"""Do the fused layers pay? Each network as it runs on a CPU against the same network through the standard
-modules, with the same weights and batches.
+"""Do the fast option's kernels pay? Each network through them against the standard modules, same weights and batches.
 
-    python benchmarks/fused_layer.py [--model cnn|dense] [--batch-size 32] [--steps 300] [--repeats 5]
+    python benchmarks/kernels.py [--model cnn|dense] [--batch-size 32] [--steps 300] [--repeats 5]
 
-Prints the median milliseconds per training step (forward, backward, fused Adam) and per 1,000-image
+Prints the median milliseconds per training step (forward, loss, backward, fused Adam) and per 1,000-image
 inference batch, the variants alternating so that machine noise hits them alike:
-- for the dense net, ``by hand``: ``DenseNet.loss_and_grads``, the loss and gradients without autograd, as
-  the training module runs it (training only: its forward pass is ``as it runs``);
-- ``as it runs``: the network's own forward with autograd, i.e. ``ConvPoolReLU`` (CNN) and ``LinearReLU``
-  (every Linear followed by a ReLU, on oneDNN);
-- for the CNN, ``ConvPoolReLU only``: the dense layers through ``nn.Linear`` (MKL) + ReLU;
-- ``standard modules``: ``nn.Conv2d``, ``nn.MaxPool2d``, ``nn.Linear`` and ReLU.
-Synthetic batches (raw 0-255 pixels for the dense net, as ``seed_dense`` trains): the cost does not depend
-on pixel values. ``tune_process()`` is applied, as in training.
+- ``fast``: what the fast loop runs, `networks.loss_and_grads` (the dense net by hand, without autograd) or
+  `networks.logits` (the CNN through ``ConvPoolReLU`` and ``LinearReLU``) with autograd;
+- for the CNN, ``ConvPoolReLU only``: the dense layers through ``nn.Linear`` + ReLU;
+- ``standard modules``: the network's own forward (``nn.Conv2d``, ``nn.MaxPool2d``, ``nn.Linear``, ReLU), autograd.
+Synthetic batches (raw 0-255 pixels for the dense net, as ``seed_dense`` trains): the cost does not depend on pixel
+values. The fast option's process settings (`tune_process`) apply to all of them.
 """
 
 from __future__ import annotations
@@ -24,40 +21,31 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from fashion_lightning import ConvNet, DenseNet, keras_init_
-from fashion_lightning.models import ConvPoolReLU
-from fashion_lightning.runtime import tune_process
+from fashion_lightning.fast import kernels, networks, tune_process
 
 Forward = Callable[[Tensor], Tensor]
 
 
 def cnn_variants(net: ConvNet) -> dict[str, Forward]:
     def conv_only(x: Tensor) -> Tensor:
-        return net.out(net.fc(ConvPoolReLU.apply(x, net.conv.weight, net.conv.bias)).relu())
+        h = kernels.ConvPoolReLU.apply(x, net.conv.weight, net.conv.bias)
+        return net.out(F.relu(net.fc(h)))
 
-    def standard(x: Tensor) -> Tensor:
-        return net.out(net.fc(net.flatten(net.pool(net.conv(x)).relu())).relu())
-
-    return {"as it runs": net, "ConvPoolReLU only": conv_only, "standard modules": standard}
+    return {"fast": lambda x: networks.logits(net, x), "ConvPoolReLU only": conv_only, "standard modules": net}
 
 
 def dense_variants(net: DenseNet) -> dict[str, Forward]:
-    def standard(x: Tensor) -> Tensor:
-        return net.out(net.flatten(net.row2(net.row1(x.view(-1, 28, 28)).relu()).relu()))
-
-    return {"by hand": net, "as it runs": net, "standard modules": standard}
+    return {"fast": lambda x: networks.logits(net, x), "standard modules": net}
 
 
-def time_steps(net: torch.nn.Module, forward: Forward, batches: list[tuple[Tensor, Tensor]], by_hand: bool) -> float:
+def time_steps(net: nn.Module, forward: Forward, batches: list[tuple[Tensor, Tensor]], by_hand: bool) -> float:
     optimizer = torch.optim.Adam(net.parameters(), fused=True)
     start = time.perf_counter()
     for x, y in batches:
-        if by_hand:
-            if net.loss_and_grads(x, y) is None:  # declined: no gradients were set, the timing would be void
-                raise SystemExit("DenseNet.loss_and_grads does not apply here (it needs float32 on a CPU with oneDNN)")
-        else:
+        if not by_hand or networks.loss_and_grads(net, x, y) is None:
             loss = F.cross_entropy(forward(x), y)
             optimizer.zero_grad()
             loss.backward()
@@ -89,14 +77,14 @@ def main() -> None:
     cls, variants = (ConvNet, cnn_variants) if args.model == "cnn" else (DenseNet, dense_variants)
     names = list(variants(cls()))
     train: dict[str, list[float]] = {name: [] for name in names}
-    infer: dict[str, list[float]] = {name: [] for name in names if name != "by hand"}  # its forward: as it runs
+    infer: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(args.repeats + 1):  # the first round warms up and is dropped
         for name in names:
             net = keras_init_(cls())
             forward = variants(net)[name]
-            train[name].append(time_steps(net, forward, batches, by_hand=name == "by hand"))
-            if name in infer:
-                infer[name].append(time_inference(forward, images))
+            train[name].append(time_steps(net, forward, batches, by_hand=name == "fast"))
+            infer[name].append(time_inference(forward, images))
+    print(f"oneDNN linear layers: {kernels.ONEDNN} (CPU capability {torch.backends.cpu.get_cpu_capability()})")
     for what, times, unit in (("training", train, f"ms/step (batch {args.batch_size})"),
                               ("inference", infer, "ms per 1,000 images")):
         medians = {name: statistics.median(t[1:]) for name, t in times.items()}

@@ -1,0 +1,72 @@
+"""Reading fashion_lightning checkpoints: one clear error for a missing, corrupt, foreign or mismatched file."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from fashion_lightning.errors import UserError
+from fashion_lightning.module import CHECKPOINT_KEY, ImageClassifier
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint file on the CPU, with one clear error if it is missing, corrupt or not ours."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"ckpt_path={str(path)!r} does not exist; pass a .ckpt file written by fashion_lightning")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - pickle, zip and torch errors all mean "not a checkpoint"
+        raise UserError(f"ckpt_path={str(path)!r} is not a readable checkpoint ({type(err).__name__}: {err})") from None
+    if not isinstance(checkpoint, dict) or CHECKPOINT_KEY not in checkpoint:
+        raise UserError(f"ckpt_path={str(path)!r} is not a fashion_lightning checkpoint (no {CHECKPOINT_KEY!r})")
+    return checkpoint
+
+
+def check_compatible(checkpoint: dict[str, Any], model: ImageClassifier, path: str | Path) -> None:
+    """Raise a `UserError` unless the checkpoint's weights fit ``model``'s architecture exactly."""
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in checkpoint.get("state_dict", {}).items()}
+    if ours != theirs:
+        def arch(hparams: dict[str, Any]) -> dict[str, Any]:
+            return {k: v for k, v in hparams.items() if k in ("filters", "kernel_size", "hidden", "hidden1", "hidden2")}
+
+        saved = checkpoint[CHECKPOINT_KEY].split(":")[-1]
+        raise UserError(f"ckpt_path={str(path)!r} holds a {saved} {arch(checkpoint.get('hyper_parameters', {}))}, "
+                        f"another architecture than the configured {type(model).__name__} {arch(model.hparams)}; "
+                        "pass the model config it was trained with")
+
+
+def model_from_checkpoint(checkpoint: dict[str, Any]) -> ImageClassifier:
+    """Rebuild the model of a checkpoint already read with `read_checkpoint` (on the CPU, in eval mode)."""
+    module_name, _, class_name = checkpoint[CHECKPOINT_KEY].partition(":")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    model = cls(**checkpoint.get("hyper_parameters", {}))
+    model.load_state_dict(checkpoint["state_dict"])
+    return model.eval()
+
+
+def load_model(path: str | Path) -> ImageClassifier:
+    """Rebuild the trained model saved in a fashion_lightning checkpoint file (on the CPU, in eval mode)."""
+    return model_from_checkpoint(read_checkpoint(path))
+
+
+def load_trained(cfg: DictConfig, command: str) -> tuple[Path, ImageClassifier, bool]:
+    """For the apps that use a trained model: ``cfg.ckpt_path`` (required), its model on the CPU in eval mode,
+    and whether it was trained on pixels / 255 (``scale``, read from the checkpoint's datamodule settings)."""
+    if OmegaConf.is_missing(cfg, "ckpt_path") or not cfg.ckpt_path:
+        raise UserError(f"ckpt_path is required: python -m fashion_lightning.{command} ckpt_path=path/to/best.ckpt")
+    path = Path(cfg.ckpt_path).expanduser()
+    checkpoint = read_checkpoint(path)
+    scale = checkpoint.get("datamodule_hyper_parameters", {}).get("scale", True)
+    return path, model_from_checkpoint(checkpoint), bool(scale)
+
+
+def run_dir_of(ckpt_path: Path) -> Path:
+    """The run directory a checkpoint belongs to (the parent of its ``checkpoints/`` folder)."""
+    parent = ckpt_path.resolve().parent
+    return parent.parent if parent.name == "checkpoints" else parent

@@ -1,0 +1,154 @@
+"""Fused CPU kernels for the tutorial's layers: the same functions and gradients as the plain modules, faster.
+
+Each kernel states the plain math it replaces; ``tests/test_fast_kernels.py`` checks outputs and every gradient
+(input, weight, bias) against that math, exact ties included. They expect float32 CPU tensors; `networks`
+decides where they apply.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fashion_lightning.fast import private
+
+ONEDNN = private.ONEDNN_LINEAR and "AVX512" in torch.backends.cpu.get_cpu_capability()
+"""Whether linear layers run on oneDNN: torch sends float32 CPU matmuls to MKL, which takes AVX2 code on AMD
+CPUs; oneDNN's kernels use AVX-512 where the CPU has it (and are no faster than MKL where it has not)."""
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None, relu: bool) -> Tensor:
+    """``F.linear(x, weight, bias)``, then ReLU if ``relu``; 2-D ``x``. On oneDNN the ReLU rides on the GEMM."""
+    if ONEDNN:
+        return private.onednn_linear(x, weight, bias, relu)
+    y = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
+    return y.relu_() if relu else y
+
+
+def linear_relu_grads(grad: Tensor, x: Tensor, weight: Tensor, y: Tensor,
+                      needs: tuple[bool, ...] = (True, True, True)) -> tuple[Tensor | None, ...]:
+    """The x, weight and bias gradients of ``y = relu(x @ weight.T + bias)`` given ``y``'s (those in ``needs``)."""
+    g = torch.ops.aten.threshold_backward(grad, y, 0)  # ReLU's own backward: no gradient where y == 0
+    return (linear(g, weight.t(), None, relu=False) if needs[0] else None,
+            torch.mm(g.t(), x) if needs[1] else None, g.sum(0) if needs[2] else None)
+
+
+class LinearReLU(torch.autograd.Function):
+    """``F.relu(F.linear(x, weight, bias))`` for 2-D ``x``: one autograd node, forward and input gradient one
+    GEMM each, the ReLU applied in place (or inside oneDNN's GEMM)."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        y = linear(x, weight, bias, relu=True)
+        ctx.save_for_backward(x, weight, y)
+        return y
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, y = ctx.saved_tensors
+        return linear_relu_grads(grad, x, weight, y, ctx.needs_input_grad)
+
+
+def linear_relu(layer: nn.Linear, x: Tensor) -> Tensor:
+    """``F.relu(layer(x))`` through `LinearReLU`, for any leading dimensions of ``x``."""
+    y = LinearReLU.apply(x.reshape(-1, x.shape[-1]), layer.weight, layer.bias)
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def _patches(x: Tensor, k: int) -> Tensor:
+    """Im2col for a 'same' k x k conv followed by a 2x2 pool: (N, 1, 28, 28) -> (k*k + 1, 4 * N * 196).
+
+    Column ``w * N * 196 + n * 196 + p`` holds the k*k patch under pooled position ``p`` of image ``n`` at
+    window offset ``w`` (row-major in the 2x2 window), plus a row of ones that carries the bias.
+    """
+    n, before = x.shape[0], (k - 1) // 2
+    padded = F.pad(x.reshape(n, 28, 28), (before, k - 1 - before, before, k - 1 - before))
+    width, stride_n = padded.shape[-1], padded.stride(0)
+    # dims (di, dj, a, b, n, i, j): pixel (2i + a + di, 2j + b + dj) of image n
+    view = padded.as_strided((k, k, 2, 2, n, 14, 14), (width, 1, width, 1, stride_n, 2 * width, 2))
+    cols = x.new_empty(k * k + 1, 4, n, 196)
+    cols[: k * k].view(k, k, 2, 2, n, 14, 14).copy_(view)
+    cols[k * k] = 1.0
+    return cols.view(k * k + 1, 4 * n * 196)
+
+
+def _unpatch(grad_cols: Tensor, n: int, k: int) -> Tensor:
+    """The adjoint of `_patches` (without its ones row): (4 * N * 196, k*k) -> the (N, 1, 28, 28) input gradient."""
+    before = (k - 1) // 2
+    padded = grad_cols.new_zeros(n, 28 + k - 1, 28 + k - 1)
+    blocks = grad_cols.view(2, 2, n, 14, 14, k, k)  # (a, b, n, i, j, di, dj)
+    for di in range(k):
+        for dj in range(k):  # pixel (2i + a + di, 2j + b + dj): one 28x28 block per kernel offset
+            padded[:, di : di + 28, dj : dj + 28] += blocks[..., di, dj].permute(2, 3, 0, 4, 1).reshape(n, 28, 28)
+    return padded[:, before : before + 28, before : before + 28].reshape(n, 1, 28, 28)
+
+
+class ConvPoolReLU(torch.autograd.Function):
+    """``F.max_pool2d(F.relu(F.conv2d(x, weight, bias, padding="same")), 2)``, flattened, for (N, 1, 28, 28) input.
+
+    The same function and gradients as those three ops (max-pool routes each window's gradient to its first
+    maximum in row-major order, ReLU passes none at 0; ReLU and max commute, so it pools first), computed as
+    GEMMs over im2col patches with element-wise maxima: on a CPU this skips the slow
+    ``max_pool2d_with_indices`` and ``convolution_backward`` kernels and the full-size ReLU passes. The conv
+    output is laid out (window, image, position, channel), so that every element-wise pass reads contiguous
+    memory and the GEMM writes long rows. Returns (N, filters * 196) in channel-major order, as ``Flatten`` of
+    (N, filters, 14, 14).
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        c, k, n = weight.shape[0], weight.shape[-1], x.shape[0]
+        cols = _patches(x, k)
+        weight_bias = torch.cat([weight.reshape(c, k * k), bias.reshape(c, 1)], 1)
+        out = torch.mm(cols.t(), weight_bias.t()).view(4, n * 196, c)
+        pooled = torch.maximum(torch.maximum(out[0], out[1]), torch.maximum(out[2], out[3]))
+        ctx.save_for_backward(cols, out, pooled, weight)
+        relu = torch.empty(n, c, 196, dtype=pooled.dtype, device=pooled.device)
+        return torch.clamp(pooled.view(n, 196, c).transpose(1, 2), min=0, out=relu).view(n, c * 196)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        cols, out, pooled, weight = ctx.saved_tensors
+        c, k, n = weight.shape[0], weight.shape[-1], out.shape[1] // 196
+        mask = torch.gt(pooled, 0, out=torch.empty_like(pooled))  # float 0/1: much faster here than bool masks
+        g = torch.mul(grad.view(n, c, 196).transpose(1, 2), mask.view(n, 196, c),
+                      out=torch.empty(n, 196, c, dtype=grad.dtype, device=grad.device)).view(n * 196, c)
+        routed = torch.empty_like(out)
+        for w in range(4):  # the first window position holding the maximum takes the gradient
+            torch.mul(g, torch.eq(out[w], pooled, out=mask), out=routed[w])
+            if w < 3:
+                g = g - routed[w]  # exact: leaves g where the position lost, 0 where it took it
+        routed = routed.view(-1, c)
+        grad_x = _unpatch(torch.mm(routed, weight.reshape(c, k * k)), n, k) if ctx.needs_input_grad[0] else None
+        dw = torch.mm(cols, routed).t()
+        return grad_x, dw[:, :-1].reshape(c, 1, k, k), dw[:, -1].contiguous()
+
+
+def dense_loss_and_grads(layers: tuple[nn.Linear, nn.Linear, nn.Linear], x: Tensor,
+                         y: Tensor) -> tuple[Tensor, Tensor]:
+    """`DenseNet`'s mean cross entropy and logits for images ``x``, labels ``y``, with every parameter's ``grad``
+    set, without autograd. ``layers``: the net's ``row1``, ``row2`` and ``out``.
+
+    The plain math: ``loss = F.cross_entropy(net(x), y); net.zero_grad(); loss.backward()``. Written out, the
+    cross entropy's gradient is (softmax - one-hot) / N, and each Linear + ReLU passes it back as in `LinearReLU`.
+    A batch-32 step of this small net spends about a fifth of its time building and running autograd's graph.
+    """
+    row1, row2, out = layers
+    n = x.shape[0]
+    with torch.no_grad():
+        rows = x.reshape(n * 28, 28)
+        h1 = linear(rows, row1.weight, row1.bias, relu=True)
+        h2 = linear(h1, row2.weight, row2.bias, relu=True)
+        flat = h2.view(n, -1)
+        logits = torch.addmm(out.bias, flat, out.weight.t())
+        log_p = torch.log_softmax(logits, 1)
+        loss = F.nll_loss(log_p, y)
+        grad = log_p.exp_()  # d loss / d logits = (softmax - one-hot) / n
+        grad[torch.arange(n, device=y.device), y] -= 1.0
+        grad /= n
+        out.weight.grad, out.bias.grad = torch.mm(grad.t(), flat), grad.sum(0)
+        g_h1, row2.weight.grad, row2.bias.grad = linear_relu_grads(
+            torch.mm(grad, out.weight).view_as(h2), h1, row2.weight, h2)
+        _, row1.weight.grad, row1.bias.grad = linear_relu_grads(g_h1, rows, row1.weight, h1, (False, True, True))
+    return loss, logits

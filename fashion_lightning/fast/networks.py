@@ -1,0 +1,72 @@
+"""Where the fused kernels stand in for the tutorial's networks, and where they step aside.
+
+`logits(net, x)` is ``net(x)``; `loss_and_grads(net, x, y)` is cross entropy + ``backward``. Each takes a kernel
+only for an unmodified `ConvNet` or `DenseNet` (exactly these classes, their submodules of the original types and
+settings: a swapped or subclassed layer runs as itself), float32 on a CPU, eager (not traced, scripted or
+compiled), without autocast and without any hook on the network or its parameters. Anywhere else they call the
+network itself.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fashion_lightning.fast import private
+from fashion_lightning.fast.kernels import ConvPoolReLU, dense_loss_and_grads, linear_relu
+from fashion_lightning.models import ConvNet, DenseNet
+
+
+def _plain_linear(layer: nn.Module) -> bool:
+    return type(layer) is nn.Linear and layer.bias is not None
+
+
+def _plain_flatten(layer: nn.Module) -> bool:
+    return type(layer) is nn.Flatten and layer.start_dim == 1 and layer.end_dim == -1
+
+
+def _plain_conv_net(net: ConvNet) -> bool:
+    conv, pool = net.conv, net.pool
+    return (type(conv) is nn.Conv2d and conv.in_channels == 1 and conv.padding == "same"
+            and conv.kernel_size[0] == conv.kernel_size[1] and conv.stride == (1, 1) and conv.dilation == (1, 1)
+            and conv.groups == 1 and conv.padding_mode == "zeros" and conv.bias is not None
+            and type(pool) is nn.MaxPool2d and pool.kernel_size in (2, (2, 2)) and pool.stride in (2, (2, 2))
+            and pool.padding in (0, (0, 0)) and pool.dilation in (1, (1, 1)) and not pool.ceil_mode
+            and not pool.return_indices and _plain_flatten(net.flatten) and _plain_linear(net.fc)
+            and _plain_linear(net.out))
+
+
+def _plain_dense_net(net: DenseNet) -> bool:
+    return (all(_plain_linear(layer) for layer in (net.row1, net.row2, net.out)) and net.row1.in_features == 28
+            and _plain_flatten(net.flatten))
+
+
+def _kernels_apply(net: nn.Module, x: Tensor) -> bool:
+    """The conditions every kernel needs (see the module docstring), less the network's structure."""
+    return (not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling())
+            and x.device.type == "cpu" and x.dtype == torch.float32 and x.layout == torch.strided
+            and tuple(x.shape[1:]) == (1, 28, 28) and not torch.is_autocast_enabled("cpu")
+            and all(p.device.type == "cpu" and p.dtype == torch.float32 and p.layout == torch.strided
+                    for p in net.parameters())
+            and not private.hooked(net))
+
+
+def logits(net: nn.Module, x: Tensor) -> Tensor:
+    """``net(x)``: through `ConvPoolReLU` and `LinearReLU` where they compute exactly that."""
+    if type(net) is ConvNet and _plain_conv_net(net) and _kernels_apply(net, x):
+        h = ConvPoolReLU.apply(x, net.conv.weight, net.conv.bias)  # = flatten(pool(relu(conv(x))))
+        return F.linear(linear_relu(net.fc, h), net.out.weight, net.out.bias)
+    return net(x)
+
+
+def loss_and_grads(net: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor] | None:
+    """`DenseNet`'s cross entropy and logits with every parameter's gradient set, written out without autograd
+    (`dense_loss_and_grads`); ``None`` wherever autograd must run instead: any other network, anything the kernels
+    need missing, grad mode off, anomaly detection on, an input that needs a gradient, a frozen or hooked parameter.
+    """
+    if not (type(net) is DenseNet and _plain_dense_net(net) and _kernels_apply(net, x) and torch.is_grad_enabled()
+            and not torch.is_anomaly_enabled() and not x.requires_grad
+            and all(p.requires_grad and not private.tensor_hooked(p) for p in net.parameters())):
+        return None
+    return dense_loss_and_grads((net.row1, net.row2, net.out), x, y)

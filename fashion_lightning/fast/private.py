@@ -1,0 +1,109 @@
+"""Every private torch and Lightning API the fast option touches, in one place, each checked before use.
+
+Tested with torch 2.14 and Lightning 2.6 (the ranges ``pyproject.toml`` declares); ``tests/test_fast_private.py``
+pins each one, so a release that changes any of them fails loudly there. Where a check fails at run time, the
+fast option falls back to public APIs (the standard modules, autograd) or steps aside to the textbook path.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torch.nn.modules import module as torch_module
+
+# --- torch: oneDNN's fused linear (+ ReLU), the op inductor's CPU lowering calls --------------------------------
+
+
+def _onednn_linear_works() -> bool:
+    """Whether ``torch.ops.mkldnn._linear_pointwise`` exists and computes ``relu(x @ w.T + b)`` here."""
+    try:
+        if not torch.backends.mkldnn.is_available():
+            return False
+        x, w, b = torch.randn(3, 5), torch.randn(4, 5), torch.randn(4)
+        y = torch.ops.mkldnn._linear_pointwise(x, w, b, "relu", [], "")
+        return bool(torch.allclose(y, torch.relu(x @ w.T + b), atol=1e-5))
+    except (AttributeError, RuntimeError, TypeError):
+        return False
+
+
+ONEDNN_LINEAR = _onednn_linear_works()
+
+
+def onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None, relu: bool) -> Tensor:
+    """``x @ weight.T (+ bias)``, ReLU'd if ``relu``, as one oneDNN call (2-D float32 CPU tensors)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "relu" if relu else "none", [], "")
+
+
+# --- torch: hooks, which a fused kernel would skip --------------------------------------------------------------
+
+MODULE_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                "_global_backward_pre_hooks")
+TENSOR_HOOKS = ("_backward_hooks", "_post_accumulate_grad_hooks")
+
+
+def _hook_registries_found() -> bool:
+    probe, t = nn.Linear(1, 1), torch.zeros(1, requires_grad=True)
+    probe.register_forward_hook(lambda *_: None)
+    t.register_hook(lambda g: g)
+    return (all(hasattr(torch_module, name) for name in GLOBAL_HOOKS) and bool(probe._forward_hooks)
+            and all(hasattr(probe, name) for name in MODULE_HOOKS) and bool(t._backward_hooks))
+
+
+HOOK_REGISTRIES = _hook_registries_found()
+
+
+def hooked(module: nn.Module) -> bool:
+    """Whether a hook watches ``module`` or any submodule (or every module, globally); True if it cannot tell."""
+    if not HOOK_REGISTRIES:
+        return True
+    return (any(getattr(torch_module, name) for name in GLOBAL_HOOKS)
+            or any(getattr(m, name) for m in module.modules() for name in MODULE_HOOKS))
+
+
+def tensor_hooked(t: Tensor) -> bool:
+    """Whether a gradient hook sits on tensor ``t`` (``register_hook``, ``register_post_accumulate_grad_hook``)."""
+    return not HOOK_REGISTRIES or any(getattr(t, name, None) for name in TENSOR_HOOKS)
+
+
+# --- torch: NVML's device count (-1 where NVML does not work) ---------------------------------------------------
+
+
+def nvml_device_count() -> int:
+    """The GPUs NVML sees, -1 where NVML fails; 0 if this torch lacks the probe (then the check is left alone)."""
+    probe = getattr(torch.cuda, "_device_count_nvml", None)
+    return probe() if callable(probe) else 0
+
+
+# --- Lightning: the fit loop's counters, for several optimizer steps in one training step -----------------------
+
+
+def lightning_counters_missing(trainer: L.Trainer) -> str | None:
+    """Why this Lightning's counters cannot be kept by the fast loop, or None when they can."""
+    epoch_loop = getattr(trainer.fit_loop, "epoch_loop", None)
+    progress = getattr(getattr(epoch_loop, "manual_optimization", None), "optim_step_progress", None)
+    if not all(hasattr(progress, name) for name in ("increment_ready", "increment_completed")):
+        return "fit_loop.epoch_loop.manual_optimization.optim_step_progress"
+    if not isinstance(getattr(epoch_loop, "_batches_that_stepped", None), int):
+        return "fit_loop.epoch_loop._batches_that_stepped"
+    return None
+
+
+def count_optimizer_step(trainer: L.Trainer) -> None:
+    """Count one optimizer step in ``trainer.global_step``, as ``LightningOptimizer.step`` does in manual
+    optimization, without the hook dispatch around it."""
+    progress = trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
+    progress.increment_ready()
+    progress.increment_completed()
+
+
+def set_logger_step(trainer: L.Trainer, steps_taken: int) -> None:
+    """Make the loggers' step count optimizer steps: Lightning adds one per training step after the step ends."""
+    trainer.fit_loop.epoch_loop._batches_that_stepped = steps_taken - 1
+
+
+def checkpoints_within_epochs(callback: L.pytorch.callbacks.ModelCheckpoint) -> bool:
+    """Whether a ``ModelCheckpoint`` saves every n training steps or every time interval (True if it cannot tell)."""
+    steps, interval = (getattr(callback, name, None) for name in ("_every_n_train_steps", "_train_time_interval"))
+    return not isinstance(steps, int) or steps > 0 or interval is not None

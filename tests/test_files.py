@@ -1,0 +1,117 @@
+"""Finding, extracting and validating the Fashion-MNIST files offline, with one clear error per bad file."""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import N_TEST, N_TRAIN, write_idx
+from fashion_lightning import FashionMNISTDataModule, UserError
+from fashion_lightning.files import ensure_raw_files
+
+RAW = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def copy_source(fmnist_source: Path, tmp_path: Path) -> Path:
+    folder = tmp_path / "source"
+    shutil.copytree(fmnist_source, folder)
+    return folder
+
+
+def test_extracts_gz_source_into_torchvision_layout(fmnist_source: Path, tmp_path: Path) -> None:
+    raw = ensure_raw_files(tmp_path / "data", str(fmnist_source), download=False)
+    assert raw == tmp_path / "data" / "FashionMNIST" / "raw"
+    assert sorted(p.name for p in raw.iterdir()) == sorted(RAW)
+    assert (raw / "train-images-idx3-ubyte").stat().st_size == 16 + N_TRAIN * 784
+
+
+def test_existing_layout_needs_no_source(data_dir: Path, tmp_path: Path) -> None:
+    dm = FashionMNISTDataModule(data_dir=str(data_dir), source_dir=str(tmp_path / "nowhere"), download=False)
+    dm.prepare_data()  # the explicit but absent source is never consulted: the files are already there
+    dm.setup()
+    assert len(dm.test_set[1]) == N_TEST
+
+
+def test_source_from_environment_variable(fmnist_source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FASHION_MNIST_DIR", str(fmnist_source))
+    dm = FashionMNISTDataModule(data_dir=str(tmp_path / "data"), download=False)
+    dm.prepare_data()
+    assert (tmp_path / "data" / "FashionMNIST" / "raw" / "t10k-labels-idx1-ubyte").is_file()
+
+
+def test_environment_variable_pointing_nowhere_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FASHION_MNIST_DIR", str(tmp_path / "nowhere"))
+    with pytest.raises(UserError, match=r"\$FASHION_MNIST_DIR='.*nowhere' lacks the Fashion-MNIST files"):
+        FashionMNISTDataModule(data_dir=str(tmp_path / "data"), download=False).prepare_data()
+
+
+def test_missing_dataset_names_the_three_fixes(tmp_path: Path) -> None:
+    with pytest.raises(UserError) as info:
+        ensure_raw_files(tmp_path / "data", None, download=False)
+    message = str(info.value)
+    assert "(1) put torchvision's layout there" in message
+    assert "apt-get install dataset-fashion-mnist" in message and "FASHION_MNIST_DIR" in message
+    assert "(3) allow torchvision's download" in message
+
+
+def test_uncompressed_source_files_work_too(fmnist_source: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "plain"
+    folder.mkdir()
+    for name in RAW:
+        with gzip.open(fmnist_source / f"{name}.gz") as src:
+            (folder / name).write_bytes(src.read())
+    ensure_raw_files(tmp_path / "data", str(folder), download=False)
+    assert (tmp_path / "data" / "FashionMNIST" / "raw" / RAW[0]).stat().st_size == 16 + N_TRAIN * 784
+
+
+@pytest.mark.parametrize(
+    ("name", "corrupt", "message"),
+    [
+        ("train-images-idx3-ubyte.gz", lambda p: p.write_bytes(p.read_bytes()[:5000]), "corrupt or truncated gzip"),
+        ("t10k-labels-idx1-ubyte.gz", lambda p: p.write_bytes(b"not gzip at all"), "corrupt or truncated gzip"),
+        ("t10k-images-idx3-ubyte.gz", lambda p: write_idx(p, np.zeros((N_TEST, 28, 28)), magic=2049),
+         "wrong IDX magic number 2049, expected 2051"),
+        ("t10k-images-idx3-ubyte.gz", lambda p: write_idx(p, np.zeros((N_TEST, 28, 27))),
+         r"IDX shape \[10000, 28, 27\]"),
+        ("t10k-labels-idx1-ubyte.gz", lambda p: write_idx(p, np.zeros(N_TEST - 1)), r"IDX shape \[9999\]"),
+        ("t10k-labels-idx1-ubyte.gz", lambda p: p.write_bytes(gzip.compress(gzip.decompress(p.read_bytes())[:-3])),
+         "10005 bytes, expected 10008"),
+    ],
+)
+def test_bad_files_are_named_and_never_extracted(fmnist_source: Path, tmp_path: Path, name: str, corrupt,
+                                                 message: str) -> None:
+    source = copy_source(fmnist_source, tmp_path)
+    corrupt(source / name)
+    with pytest.raises(UserError, match=message) as info:
+        ensure_raw_files(tmp_path / "data", str(source), download=False)
+    assert name in str(info.value)
+    raw = tmp_path / "data" / "FashionMNIST" / "raw"
+    assert not (raw / name.removesuffix(".gz")).exists()
+    assert not list(raw.glob("*.partial"))
+
+
+def test_truncated_file_already_in_data_dir(data_dir: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "data"
+    shutil.copytree(data_dir, copy)
+    labels = copy / "FashionMNIST" / "raw" / "train-labels-idx1-ubyte"
+    labels.write_bytes(labels.read_bytes()[:-10])
+    with pytest.raises(UserError, match="train-labels-idx1-ubyte: 59998 bytes, expected 60008"):
+        FashionMNISTDataModule(data_dir=str(copy), download=False).setup()
+
+
+def test_label_out_of_range(fmnist_source: Path, tmp_path: Path) -> None:
+    source = copy_source(fmnist_source, tmp_path)
+    write_idx(source / "t10k-labels-idx1-ubyte.gz", np.full(N_TEST, 12))
+    with pytest.raises(UserError, match="t10k-labels-idx1-ubyte: label 12 outside 0..9"):
+        FashionMNISTDataModule(data_dir=str(tmp_path / "data"), source_dir=str(source), download=False).setup()
+
+
+def test_unwritable_data_dir(fmnist_source: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, not a folder")
+    with pytest.raises(UserError, match="is not writable"):
+        ensure_raw_files(blocker / "data", str(fmnist_source), download=False)
