@@ -118,3 +118,13 @@ class SaveWeightsAtEnd(L.Callback):
         self.dirpath.mkdir(parents=True, exist_ok=True)
         torch.save({k: v.detach().cpu() for k, v in pl_module.net.state_dict().items()},
                    self.dirpath / f"rank{trainer.global_rank}.pt")
+
+
+@pytest.fixture
+def by_hand(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dense net's step by hand on this CPU too (it runs where oneDNN has AVX-512; oneDNN works without)."""
+    from fashion_lightning.fast import kernels, private
+
+    if not private.ONEDNN_LINEAR:
+        pytest.skip("this torch has no oneDNN fused linear")
+    monkeypatch.setattr(kernels, "ONEDNN", True)

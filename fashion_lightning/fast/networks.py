@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fashion_lightning.fast import private
+from fashion_lightning.fast import kernels, private
 from fashion_lightning.fast.kernels import ConvPoolReLU, dense_loss_and_grads, linear_relu
 from fashion_lightning.models import ConvNet, DenseNet
 
@@ -63,10 +63,12 @@ def logits(net: nn.Module, x: Tensor) -> Tensor:
 def loss_and_grads(net: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor] | None:
     """`DenseNet`'s cross entropy and logits with every parameter's gradient set, written out without autograd
     (`dense_loss_and_grads`); ``None`` wherever autograd must run instead: any other network, anything the kernels
-    need missing, grad mode off, anomaly detection on, an input that needs a gradient, a frozen or hooked parameter.
+    need missing, grad mode off, anomaly detection on, an input that needs a gradient, a frozen or hooked parameter,
+    and CPUs where the linear layers run on MKL (without AVX-512 the step by hand is no faster than autograd).
     """
-    if not (type(net) is DenseNet and _plain_dense_net(net) and _kernels_apply(net, x) and torch.is_grad_enabled()
-            and not torch.is_anomaly_enabled() and not x.requires_grad
-            and all(p.requires_grad and not private.tensor_hooked(p) for p in net.parameters())):
+    applies = (kernels.ONEDNN and type(net) is DenseNet and _plain_dense_net(net) and _kernels_apply(net, x)
+               and torch.is_grad_enabled() and not torch.is_anomaly_enabled() and not x.requires_grad
+               and all(p.requires_grad and not private.tensor_hooked(p) for p in net.parameters()))
+    if not applies:
         return None
     return dense_loss_and_grads((net.row1, net.row2, net.out), x, y)
