@@ -13,9 +13,10 @@ from torch import Tensor, nn
 
 from fashion_lightning.fast import private
 
-ONEDNN = private.ONEDNN_LINEAR and "AVX512" in torch.backends.cpu.get_cpu_capability()
-"""Whether linear layers run on oneDNN: torch sends float32 CPU matmuls to MKL, which takes AVX2 code on AMD
-CPUs; oneDNN's kernels use AVX-512 where the CPU has it (and are no faster than MKL where it has not)."""
+ONEDNN = private.ONEDNN_LINEAR
+"""Whether `linear` runs on oneDNN (with the ReLU on its GEMM) rather than MKL, which torch sends float32 CPU matmuls
+to and which takes AVX2 code on AMD CPUs; oneDNN uses AVX-512 where the CPU has it."""
+AVX512 = "AVX512" in torch.backends.cpu.get_cpu_capability()
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None, relu: bool) -> Tensor:

@@ -23,7 +23,7 @@ from lightning.pytorch.plugins.precision import DoublePrecision, HalfPrecision, 
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
-from torch import Tensor
+from torch import Tensor, nn
 
 from fashion_lightning.errors import UserError
 from fashion_lightning.fast import networks, private
@@ -163,11 +163,12 @@ class FastLoop:
         if trainer.max_steps >= 0:  # stop exactly at max_steps, inside a list if need be
             batches = batches[: max(trainer.max_steps - trainer.global_step, 0)]
         optimizer = module.optimizers(use_pl_optimizer=False)
+        net = module.net if self._net_stands_for(module) else None  # None: module(x) must run as written
         every = trainer.log_every_n_steps
         logits, losses = [], []
         for i, (x, y) in enumerate(batches):
             step = trainer.global_step
-            loss, out = self._loss_and_grads(module, x, y, optimizer)
+            loss, out = self._loss_and_grads(module, net, x, y, optimizer)
             optimizer.step()
             private.count_optimizer_step(trainer)
             self._step_schedulers(module, trainer, "step", first + i + 1)
@@ -187,12 +188,14 @@ class FastLoop:
             self._step_schedulers(module, trainer, "epoch", trainer.current_epoch + 1)
         private.set_logger_step(trainer, trainer.global_step)
 
-    def _loss_and_grads(self, module: LightningModule, x: Tensor, y: Tensor,
+    @staticmethod
+    def _loss_and_grads(module: LightningModule, net: nn.Module | None, x: Tensor, y: Tensor,
                         optimizer: torch.optim.Optimizer) -> tuple[Tensor, Tensor]:
-        """What ``F.cross_entropy(module(x), y)``, ``zero_grad`` and ``backward`` compute; by hand where it can."""
-        if self._net_stands_for(module) and (result := networks.loss_and_grads(module.net, x, y)) is not None:
+        """What ``F.cross_entropy(module(x), y)``, ``zero_grad`` and ``backward`` compute: through ``net``'s kernels
+        (by hand where it can), or ``module(x)`` itself where ``net`` is None."""
+        if net is not None and (result := networks.loss_and_grads(net, x, y)) is not None:
             return result
-        logits = self.logits(module, x)
+        logits = module(x) if net is None else networks.logits(net, x)
         loss = F.cross_entropy(logits, y)
         optimizer.zero_grad()
         loss.backward()

@@ -64,9 +64,9 @@ def loss_and_grads(net: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor
     """`DenseNet`'s cross entropy and logits with every parameter's gradient set, written out without autograd
     (`dense_loss_and_grads`); ``None`` wherever autograd must run instead: any other network, anything the kernels
     need missing, grad mode off, anomaly detection on, an input that needs a gradient, a frozen or hooked parameter,
-    and CPUs where the linear layers run on MKL (without AVX-512 the step by hand is no faster than autograd).
+    and CPUs without AVX-512 (there the step by hand is no faster than autograd: ``benchmarks/kernels.py``).
     """
-    applies = (kernels.ONEDNN and type(net) is DenseNet and _plain_dense_net(net) and _kernels_apply(net, x)
+    applies = (kernels.AVX512 and kernels.ONEDNN and type(net) is DenseNet and _plain_dense_net(net) and _kernels_apply(net, x)
                and torch.is_grad_enabled() and not torch.is_anomaly_enabled() and not x.requires_grad
                and all(p.requires_grad and not private.tensor_hooked(p) for p in net.parameters()))
     if not applies:
