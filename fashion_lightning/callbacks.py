@@ -20,8 +20,10 @@ class SaveOnInterrupt(Callback):
 
     The first SIGINT or SIGTERM during ``fit`` stops training at the end of the current step, so the
     checkpoint sits exactly between two steps and a resumed run continues as if never stopped; a second
-    signal interrupts at once. Any other exception during training also saves the checkpoint; one raised
-    before the first optimizer step (bad data, bad config) saves nothing, so no checkpoint looks like a result.
+    signal interrupts at once. Any other exception during training also saves the checkpoint; where it struck
+    inside a training step, the loader takes back the batches the step had not applied, which Lightning runs
+    again on resume. One raised before the first optimizer step (bad data, bad config) saves nothing, so no
+    checkpoint looks like a result.
     """
 
     takes_batch_lists = True  # the fast loop's steps of several batches: it stops after the whole step
@@ -31,6 +33,12 @@ class SaveOnInterrupt(Callback):
         self.ckpt_path = Path(dirpath) / f"{filename}.ckpt"
         self.received: int | None = None
         self._previous: dict[int, Any] = {}
+        self._step: tuple[int, int] | None = None  # the running step: global_step at its start, its batches
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        grouped = isinstance(trainer.train_dataloader, GroupedBatches)
+        self._step = (trainer.global_step, len(batch) if grouped else 1)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.received = None
@@ -43,6 +51,7 @@ class SaveOnInterrupt(Callback):
         self.received = signum
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        self._step = None
         if self.received is not None:
             raise KeyboardInterrupt(f"stopped by {signal.Signals(self.received).name}")
 
@@ -56,8 +65,14 @@ class SaveOnInterrupt(Callback):
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._restore_handlers()
-        if trainer.global_step > 0:
-            trainer.save_checkpoint(self.ckpt_path)
+        if trainer.global_step == 0:
+            return
+        loader = trainer.train_dataloader
+        if self._step is not None and hasattr(loader, "give_back"):
+            start, batches = self._step
+            if (unapplied := batches - (trainer.global_step - start)) > 0:  # Lightning runs this step again
+                loader.give_back(unapplied)
+        trainer.save_checkpoint(self.ckpt_path)
 
 
 class EpochTimer(Callback):

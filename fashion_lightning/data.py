@@ -59,16 +59,27 @@ class BatchLoader:
         per_rank = math.ceil(n / self.world_size) if self.shuffle else len(range(self.rank, n, self.world_size))
         return math.ceil(per_rank / self.batch_size)
 
+    def _next_epoch(self) -> int:
+        return self.epoch + 1 if self.epoch_of is None else self.epoch_of()
+
+    def start(self) -> int:
+        """Where the next pass starts: the restored position when it reads the saved epoch, else 0."""
+        resume = self._resume
+        return resume["position"] if resume and resume["epoch"] == self._next_epoch() else 0
+
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        epoch = self.epoch + 1 if self.epoch_of is None else self.epoch_of()
-        resume, self._resume = self._resume, None
-        start = resume["position"] if resume and resume["epoch"] == epoch else 0
+        epoch, start = self._next_epoch(), self.start()
+        self._resume = None
         self.epoch, self.position = epoch, start
         indices = self._indices(epoch).to(self.images.device)
         for begin in range(start * self.batch_size, len(indices), self.batch_size):
             idx = indices[begin : begin + self.batch_size]
             self.position += 1
             yield to_input(self.images[idx], self.scale), self.labels[idx]
+
+    def give_back(self, batches: int) -> None:
+        """Count the last ``batches`` handed out as unread: a step that failed took them, and a resume runs it again."""
+        self.position -= batches
 
     def state_dict(self) -> dict[str, int]:
         """Where reading stands: the epoch and how many batches were handed out."""

@@ -38,7 +38,7 @@ class ImageClassifier(L.LightningModule):
     ``fast=True`` is the speed option (`fashion_lightning.fast`): on a single device, each training step takes
     ``batches_per_step`` batches, one optimizer step each, through fused CPU kernels where they apply. The same
     math; what it cannot honour (gradient clipping, accumulation, backward and optimizer-step hooks, ...) is
-    refused when the fit starts, and under DDP it steps aside to the textbook path.
+    refused when training starts, and under DDP it steps aside to the textbook path.
 
     Args:
         net: the network, (N, 1, 28, 28) -> (N, 10) logits.
@@ -76,10 +76,20 @@ class ImageClassifier(L.LightningModule):
         self.fast_loop = FastLoop(batches_per_step, ImageClassifier) if fast else None
 
     @property
+    def fast_engaged(self) -> bool:
+        """Whether the fast loop runs the fit of the trainer now attached (it engages in ``setup("fit")``)."""
+        fast_loop = getattr(self, "fast_loop", None)
+        if fast_loop is None or fast_loop.trainer is None:
+            return False
+        try:
+            return fast_loop.trainer is self.trainer
+        except RuntimeError:  # not attached to a trainer
+            return False
+
+    @property
     def automatic_optimization(self) -> bool:
         """Lightning's switch: False only while the fast loop trains (it steps the optimizer itself)."""
-        fast_loop = getattr(self, "fast_loop", None)
-        return L.LightningModule.automatic_optimization.fget(self) and not (fast_loop and fast_loop.engaged)
+        return L.LightningModule.automatic_optimization.fget(self) and not self.fast_engaged
 
     @automatic_optimization.setter
     def automatic_optimization(self, value: bool) -> None:
@@ -97,16 +107,16 @@ class ImageClassifier(L.LightningModule):
         if self.hparams.compile:
             self.net.compile()
         if stage == "fit" and self.fast_loop is not None:
-            self.fast_loop.setup(self)  # engages, steps aside (DDP) or refuses, for this fit
+            self.fast_loop.setup(self)  # engages for this fit, or steps aside (DDP)
 
     def on_train_start(self) -> None:
-        if self.fast_loop is not None and self.fast_loop.engaged:
-            self.fast_loop.on_train_start(self)
+        if self.fast_engaged:
+            self.fast_loop.on_train_start(self)  # refuses what it cannot honour
 
     def train_batches(self, loader: Any) -> Any:
         """The training loader as this module's training steps read it: with the fast loop, lists of batches.
         `FashionMNISTDataModule` passes its training loader through this."""
-        return loader if self.fast_loop is None else self.fast_loop.train_batches(loader, self.trainer)
+        return self.fast_loop.train_batches(loader, self.trainer) if self.fast_engaged else loader
 
     def update_metrics(self, split: str, logits: Tensor, labels: Tensor, loss: Tensor, weight: Tensor | int) -> None:
         """Accumulate ``split``'s accuracy and mean loss (``loss`` a batch mean of ``weight`` samples; or one per
@@ -115,7 +125,7 @@ class ImageClassifier(L.LightningModule):
         getattr(self, f"{split}_loss").update(loss.detach(), weight)
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor | None:
-        if self.fast_loop is not None and self.fast_loop.engaged:
+        if self.fast_engaged:
             return self.fast_loop.training_step(self, batch, batch_idx)  # steps the optimizer itself
         x, y = batch
         logits = self(x)
@@ -178,16 +188,14 @@ class ImageClassifier(L.LightningModule):
         trainer = self.trainer
         if trainer.max_epochs == -1 and trainer.max_steps == -1:
             raise UserError("model.schedule=onecycle needs a finite run: set trainer.max_epochs or trainer.max_steps")
-        fast = self.fast_loop is not None and self.fast_loop.engaged
-        return int(self.fast_loop.optimizer_steps(trainer) if fast else trainer.estimated_stepping_batches)
+        return int(self.fast_loop.optimizer_steps(trainer) if self.fast_engaged else trainer.estimated_stepping_batches)
 
     def summary(self) -> str:
         """A Keras-like table of the network's layers, output shapes and parameter counts."""
         return summary(self.net)
 
     def _step_counting(self) -> str:
-        fast = self.fast_loop is not None and self.fast_loop.engaged
-        return f"fast, {self.fast_loop.batches_per_step} batches per step" if fast else "textbook"
+        return f"fast, {self.fast_loop.batches_per_step} batches per step" if self.fast_engaged else "textbook"
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_KEY] = f"{type(self).__module__}:{type(self).__qualname__}"

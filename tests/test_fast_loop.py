@@ -10,7 +10,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, StochasticWeightAveraging
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.tuner import Tuner
@@ -83,6 +83,26 @@ def test_max_steps_stops_inside_a_list_of_batches(data_dir: Path, tmp_path: Path
     assert trainer.global_step == 10 and trainer.lr_scheduler_configs[0].scheduler.total_steps == 10
 
 
+@pytest.mark.parametrize("max_steps", [5, 9])  # inside the second list of 4; inside the epoch's last list (of 2)
+def test_a_fit_cut_inside_a_list_resumes_as_the_textbook_path_does(max_steps: int, data_dir: Path,
+                                                                   tmp_path: Path) -> None:
+    runs = []
+    for fast in (True, False):
+        kwargs = {"per_step": 4, "max_epochs": 2, "limit_train_batches": 10,
+                  "model_kwargs": {"interval": "epoch", "frequency": 1}}  # lists of 4, 4, 2 an epoch
+        trainer, model, _ = train(Scheduled, fast, data_dir, tmp_path, **kwargs, max_steps=max_steps)
+        assert trainer.global_step == max_steps and trainer.lr_scheduler_configs[0].scheduler.last_epoch == 0
+        trainer.save_checkpoint(tmp_path / "cut.ckpt")
+        resumed = fit_model(model, data_dir, tmp_path, ckpt_path=tmp_path / "cut.ckpt", max_epochs=2,
+                            limit_train_batches=10)  # Lightning counts a fit ended by max_steps as a finished epoch
+        runs.append((resumed, model))
+    (fast, fast_model), (textbook, textbook_model) = runs
+    assert fast.global_step == textbook.global_step == max_steps + 10
+    assert fast.lr_scheduler_configs[0].scheduler.last_epoch == textbook.lr_scheduler_configs[0].scheduler.last_epoch
+    for p, q in zip(fast_model.parameters(), textbook_model.parameters(), strict=True):
+        assert torch.allclose(p, q, atol=1e-5)
+
+
 @pytest.mark.parametrize("setting", [{"limit_train_batches": 10}, {"overfit_batches": 10}, {"fast_dev_run": 10}])
 def test_whole_batch_counts_count_batches(setting: dict, data_dir: Path, tmp_path: Path) -> None:
     fast = train(DenseBaseline, True, data_dir, tmp_path, per_step=4, **{"limit_train_batches": None, **setting})
@@ -118,7 +138,8 @@ class Scheduled(DenseBaseline):
 @pytest.mark.parametrize(("interval", "frequency"), [("epoch", 1), ("epoch", 2), ("step", 1), ("step", 3)])
 def test_schedulers_step_as_in_automatic_optimization(interval: str, frequency: int, data_dir: Path,
                                                       tmp_path: Path) -> None:
-    fast, textbook = (train(Scheduled, f, data_dir, tmp_path, per_step=4, max_epochs=3, limit_train_batches=10,
+    per_step = 1 if interval == "step" else 4  # with lists, a step-interval schedule of its own is refused
+    fast, textbook = (train(Scheduled, f, data_dir, tmp_path, per_step=per_step, max_epochs=3, limit_train_batches=10,
                             model_kwargs={"interval": interval, "frequency": frequency}) for f in (True, False))
     steps = [t.lr_scheduler_configs[0].scheduler.last_epoch for t, _, _ in (fast, textbook)]
     assert steps[0] == steps[1] > 0
@@ -137,6 +158,23 @@ def test_a_hooked_or_swapped_submodule_is_honoured(data_dir: Path, tmp_path: Pat
     fast, textbook = (train(Swapped, f, data_dir, tmp_path, per_step=4, max_epochs=1) for f in (True, False))
     assert len(calls) == 2 * (21 + 1)  # 21 training and 1 validation batch a fit
     assert isinstance(fast[1].net.fc, nn.Sequential)
+    assert_same_training(fast, textbook)
+
+
+def compile_eagerly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``nn.Module.compile`` with dynamo's eager backend: compiled, without inductor's minutes of code generation."""
+    original = nn.Module.compile
+    monkeypatch.setattr(nn.Module, "compile", lambda self, **kwargs: original(self, backend="eager"))
+
+
+def test_a_compiled_network_runs_compiled(data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    compile_eagerly(monkeypatch)
+    kernels = []
+    original = networks.logits
+    monkeypatch.setattr(networks, "logits", lambda *args: kernels.append(1) or original(*args))
+    fast = train(CNN, True, data_dir, tmp_path, per_step=4, max_epochs=1, model_kwargs={"compile": True})
+    assert fast[1].net._compiled_call_impl is not None and not kernels  # module(x) ran: the compiled network
+    textbook = train(CNN, False, data_dir, tmp_path, per_step=4, max_epochs=1)
     assert_same_training(fast, textbook)
 
 
@@ -169,7 +207,34 @@ def test_ddp_makes_the_fast_loop_step_aside(data_dir: Path, tmp_path: Path) -> N
             torch.distributed.destroy_process_group()
         os.environ.clear()
         os.environ.update(environ)
-    assert mode.automatic == [True] and not model.fast_loop.engaged and trainer.global_step == 21
+    assert mode.automatic == [True] and not model.fast_engaged and trainer.global_step == 21
+
+
+def test_a_fast_module_fit_again_under_ddp_takes_the_textbook_path(data_dir: Path, tmp_path: Path) -> None:
+    _, model, _ = train(DenseBaseline, True, data_dir, tmp_path, max_epochs=1)
+    environ = dict(os.environ)
+    try:
+        trainer = fit_model(model, data_dir, tmp_path, max_epochs=1, limit_train_batches=5, strategy="ddp",
+                            devices=1, gradient_clip_val=0.5)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(environ)
+    assert trainer.global_step == 5 and not model.fast_engaged and model.automatic_optimization
+
+
+def test_a_compiled_module_trains_through_its_compiled_forward(data_dir: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    kernels = []
+    original = networks.logits
+    monkeypatch.setattr(networks, "logits", lambda *args: kernels.append(1) or original(*args))
+    torch.manual_seed(0)
+    model = CNN(fast=True, batches_per_step=4, keras_init=True)
+    trainer = fit_model(torch.compile(model, backend="eager"), data_dir, tmp_path, max_epochs=1, limit_train_batches=21)
+    assert trainer.global_step == 21 and model.fast_engaged and not kernels  # Lightning's compiled forward ran
+    textbook = train(CNN, False, data_dir, tmp_path, max_epochs=1)
+    assert_same_training((trainer, model, None), textbook)
 
 
 class ReadsBatches(L.Callback):
@@ -229,13 +294,27 @@ class Plateau(DenseBaseline):
         return {"optimizer": optimizer, "lr_scheduler": torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer)}
 
 
+class OwnTransfer(FashionMNISTDataModule):
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        return batch
+
+
+class OwnSchedule(DenseBaseline):
+    def configure_optimizers(self) -> dict:
+        optimizer = torch.optim.Adam(self.parameters())
+        total = self.trainer.estimated_stepping_batches  # Lightning's documented way: training steps, not batches
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-3, total_steps=total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
 REFUSED: dict[str, tuple[type, dict[str, Any], str]] = {
     "gradient clipping": (DenseBaseline, {"gradient_clip_val": 1.0}, "Trainer(gradient_clip_val=1.0)"),
     "accumulation": (DenseBaseline, {"accumulate_grad_batches": 2}, "Trainer(accumulate_grad_batches=2)"),
     "a batch-reading callback": (DenseBaseline, {"callbacks": (ReadsBatches(),)}, "callback ReadsBatches, which reads"),
     "a checkpoint every n steps": (DenseBaseline, {"callbacks": (ModelCheckpoint(every_n_train_steps=5),),
                                                    "enable_checkpointing": True}, "callback ModelCheckpoint"),
-    "a learning-rate monitor": (DenseBaseline, {"callbacks": (LearningRateMonitor(),)}, "callback LearningRateMonitor"),
+    "a learning-rate monitor": (DenseBaseline, {"callbacks": (LearningRateMonitor(),), "logger": "csv"},
+                                "callback LearningRateMonitor"),
     "an optimizer-step hook": (DenseBaseline, {"callbacks": (StepHook(),)}, "callback StepHook's on_before_optimizer"),
     "a backward hook": (DenseBaseline, {"callbacks": (BackwardHook(),)}, "callback BackwardHook's on_after_backward"),
     "a zero-grad hook": (DenseBaseline, {"callbacks": (ZeroGradHook(),)}, "callback ZeroGradHook's on_before_zero"),
@@ -252,6 +331,15 @@ REFUSED: dict[str, tuple[type, dict[str, Any], str]] = {
     "a gradient scaler": (DenseBaseline, {"plugins": [MixedPrecision("16-mixed", "cpu",
                                                                     scaler=torch.amp.GradScaler("cpu"))]},
                           "Trainer(precision='16-mixed') (MixedPrecision)"),
+    "bf16 autocast": (DenseBaseline, {"precision": "bf16-mixed"}, "Trainer(precision='bf16-mixed') (MixedPrecision)"),
+    "a time interval to validate": (DenseBaseline, {"val_check_interval": "00:00:00:10"},
+                                    "Trainer(val_check_interval='a time interval')"),
+    "a checkpoint every n steps, one batch a step": (DenseBaseline, {"callbacks": (ModelCheckpoint(
+        every_n_train_steps=5),), "enable_checkpointing": True, "per_step": 1}, "callback ModelCheckpoint saving"),
+    "weight averaging": (DenseBaseline, {"callbacks": (StochasticWeightAveraging(1e-3),)},
+                         "callback StochasticWeightAveraging"),
+    "a datamodule transfer hook": (DenseBaseline, {"datamodule": OwnTransfer}, "OwnTransfer.on_after_batch_transfer"),
+    "a schedule sized in steps": (OwnSchedule, {}, "a OneCycleLR stepped every step from OwnSchedule.configure_opt"),
     "two optimizers": (TwoOptimizers, {}, "2 optimizers"),
     "a plateau scheduler": (Plateau, {}, "a ReduceLROnPlateau scheduler"),
 }
@@ -260,10 +348,17 @@ REFUSED: dict[str, tuple[type, dict[str, Any], str]] = {
 @pytest.mark.parametrize("case", sorted(REFUSED))
 def test_what_it_cannot_honour_is_refused_at_fit_start(case: str, data_dir: Path, tmp_path: Path) -> None:
     cls, settings, named = REFUSED[case]
-    model = cls(fast=True)
+    settings = {**settings, "callbacks": list(settings.get("callbacks", ()))}
+    if settings.get("logger") == "csv":
+        settings["logger"] = CSVLogger(tmp_path)
+    model = cls(fast=True, batches_per_step=settings.pop("per_step", 64))
     before = [p.detach().clone() for p in model.parameters()]
+    datamodule = settings.pop("datamodule", FashionMNISTDataModule)(data_dir=str(data_dir), download=False)
+    trainer = L.Trainer(**{"max_epochs": 1, "accelerator": "cpu", "logger": False, "enable_checkpointing": False,
+                           "enable_progress_bar": False, "enable_model_summary": False, "default_root_dir": tmp_path,
+                           "limit_val_batches": 1, "num_sanity_val_steps": 0, **settings})
     with pytest.raises(UserError) as info:
-        fit_model(model, data_dir, tmp_path, **{"max_epochs": 1, **settings})
+        trainer.fit(model, datamodule=datamodule)
     message = str(info.value)
     assert message.startswith("fast=True cannot honour ") and named in message, message
     assert "fast=False (speed=reference in the app)" in message and "\n" not in message
@@ -284,12 +379,22 @@ def test_lr_find_is_refused_with_the_way_out(data_dir: Path, tmp_path: Path) -> 
                                datamodule=FashionMNISTDataModule(data_dir=str(data_dir), download=False))
 
 
+def test_lr_find_works_with_one_batch_per_step(data_dir: Path, tmp_path: Path) -> None:
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        default_root_dir=tmp_path)
+    model = DenseBaseline(fast=True, batches_per_step=1)
+    finder = Tuner(trainer).lr_find(model, num_training=20, early_stop_threshold=None,
+                                    datamodule=FashionMNISTDataModule(data_dir=str(data_dir), download=False))
+    assert model.fast_engaged and len(finder.results["loss"]) == 20 and isinstance(finder.suggestion(), float)
+
+
 def test_the_apps_callbacks_are_accepted(data_dir: Path, tmp_path: Path) -> None:
     from fashion_lightning.callbacks import EpochTimer, SaveOnInterrupt
 
-    callbacks = (BatchProgressBar(), EpochTimer(), SaveOnInterrupt(str(tmp_path)), ModelCheckpoint(tmp_path, "last"))
+    callbacks = (BatchProgressBar(), EpochTimer(), SaveOnInterrupt(str(tmp_path)), ModelCheckpoint(tmp_path, "last"),
+                 LearningRateMonitor(logging_interval="epoch"))
     trainer, _, mode = train(DenseBaseline, True, data_dir, tmp_path, max_epochs=1, callbacks=callbacks,
-                             enable_checkpointing=True, enable_progress_bar=True)
+                             enable_checkpointing=True, enable_progress_bar=True, logger=CSVLogger(tmp_path))
     assert mode.automatic == [False] and trainer.global_step == 21 and (tmp_path / "last.ckpt").is_file()
 
 

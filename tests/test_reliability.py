@@ -100,6 +100,44 @@ def test_ckpt_path_last_resumes_the_newest_run(reference: tuple[dict, Path], dat
     assert resumed["test_acc"] == results["test_acc"] and resumed["steps"] == results["steps"]
 
 
+class CrashInside(L.Callback):
+    """Raises inside the training step at ``step``, in the forward pass of the network's last layer."""
+
+    takes_batch_lists = True
+
+    def __init__(self, step: int) -> None:
+        self.step, self.armed = step, True
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.trainer = trainer
+        pl_module.net.out.register_forward_hook(self._forward)
+
+    def _forward(self, module: Any, args: Any, output: Any) -> None:
+        trainer = self.trainer
+        if self.armed and trainer.training and trainer.global_step == self.step:
+            self.armed = False
+            raise RuntimeError("crash inside a step")
+
+
+@pytest.mark.parametrize("speed", ["fast", "reference"])
+def test_a_run_resumed_after_a_crash_inside_a_step_equals_the_uninterrupted_one(speed: str, data_dir: Path,
+                                                                                 tmp_path: Path) -> None:
+    """The step the crash struck runs again on resume, over the batches it had not applied: nothing skipped, nothing
+    applied twice, every epoch validated."""
+    crash = [f"+callbacks.crash._target_={__name__}.CrashInside", f"speed={speed}"]
+    reference = train(compose_train(*run_overrides(data_dir, tmp_path / "reference"), *crash,
+                                    "+callbacks.crash.step=-1"))
+    with pytest.raises(RuntimeError, match="crash inside a step"):
+        train(compose_train(*run_overrides(data_dir, tmp_path / "crashed"), *crash, "+callbacks.crash.step=31"))
+    ckpt = tmp_path / "crashed" / "checkpoints" / "interrupted.ckpt"
+    assert torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"] == 31  # 30 + 1 of the list of 3
+    resumed = train(compose_train(*run_overrides(data_dir, tmp_path / "resumed"), *crash, "+callbacks.crash.step=-1",
+                                  f"ckpt_path={ckpt}"))
+    keys = ("test_acc", "test_loss", "val_acc", "val_loss", "steps", "epochs")
+    assert {k: resumed[k] for k in keys} == {k: reference[k] for k in keys}
+    assert same_weights(final_weights(tmp_path / "resumed"), final_weights(tmp_path / "reference"))
+
+
 def test_a_crash_mid_epoch_leaves_a_checkpoint(data_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(compose_train(*run_overrides(data_dir, tmp_path / "crash"),

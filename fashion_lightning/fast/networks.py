@@ -3,8 +3,8 @@
 `logits(net, x)` is ``net(x)``; `loss_and_grads(net, x, y)` is cross entropy + ``backward``. Each takes a kernel
 only for an unmodified `ConvNet` or `DenseNet` (exactly these classes, their submodules of the original types and
 settings: a swapped or subclassed layer runs as itself), float32 on a CPU, eager (not traced, scripted or
-compiled), without autocast and without any hook on the network or its parameters. Anywhere else they call the
-network itself.
+compiled, no ``forward`` replaced), without autocast and without any hook on the network or its parameters.
+Anywhere else they call the network itself.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def _kernels_apply(net: nn.Module, x: Tensor) -> bool:
             and tuple(x.shape[1:]) == (1, 28, 28) and not torch.is_autocast_enabled("cpu")
             and all(p.device.type == "cpu" and p.dtype == torch.float32 and p.layout == torch.strided
                     for p in net.parameters())
-            and not private.hooked(net))
+            and not private.hooked(net) and not private.rerouted(net))
 
 
 def logits(net: nn.Module, x: Tensor) -> Tensor:
@@ -66,8 +66,9 @@ def loss_and_grads(net: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor
     need missing, grad mode off, anomaly detection on, an input that needs a gradient, a frozen or hooked parameter,
     and CPUs without AVX-512 (there the step by hand is no faster than autograd: ``benchmarks/kernels.py``).
     """
-    applies = (kernels.AVX512 and kernels.ONEDNN and type(net) is DenseNet and _plain_dense_net(net) and _kernels_apply(net, x)
-               and torch.is_grad_enabled() and not torch.is_anomaly_enabled() and not x.requires_grad
+    applies = (kernels.AVX512 and kernels.ONEDNN and type(net) is DenseNet and _plain_dense_net(net)
+               and _kernels_apply(net, x) and torch.is_grad_enabled() and not torch.is_anomaly_enabled()
+               and not x.requires_grad
                and all(p.requires_grad and not private.tensor_hooked(p) for p in net.parameters()))
     if not applies:
         return None

@@ -20,7 +20,8 @@ def _onednn_linear_works() -> bool:
     try:
         if not torch.backends.mkldnn.is_available():
             return False
-        x, w, b = torch.randn(3, 5), torch.randn(4, 5), torch.randn(4)
+        x, w = torch.linspace(-1, 1, 15).view(3, 5), torch.linspace(1, -1, 20).view(4, 5)  # no random draws at import
+        b = torch.linspace(-0.5, 0.5, 4)
         y = torch.ops.mkldnn._linear_pointwise(x, w, b, "relu", [], "")
         return bool(torch.allclose(y, torch.relu(x @ w.T + b), atol=1e-5))
     except (AttributeError, RuntimeError, TypeError):
@@ -44,11 +45,12 @@ TENSOR_HOOKS = ("_backward_hooks", "_post_accumulate_grad_hooks")
 
 
 def _hook_registries_found() -> bool:
-    probe, t = nn.Linear(1, 1), torch.zeros(1, requires_grad=True)
+    probe, t = nn.Module(), torch.zeros(1, requires_grad=True)
+    if not (all(hasattr(torch_module, name) for name in GLOBAL_HOOKS) and all(hasattr(probe, n) for n in MODULE_HOOKS)):
+        return False
     probe.register_forward_hook(lambda *_: None)
     t.register_hook(lambda g: g)
-    return (all(hasattr(torch_module, name) for name in GLOBAL_HOOKS) and bool(probe._forward_hooks)
-            and all(hasattr(probe, name) for name in MODULE_HOOKS) and bool(t._backward_hooks))
+    return bool(probe._forward_hooks) and bool(getattr(t, "_backward_hooks", None))
 
 
 HOOK_REGISTRIES = _hook_registries_found()
@@ -60,6 +62,12 @@ def hooked(module: nn.Module) -> bool:
         return True
     return (any(getattr(torch_module, name) for name in GLOBAL_HOOKS)
             or any(getattr(m, name) for m in module.modules() for name in MODULE_HOOKS))
+
+
+def rerouted(module: nn.Module) -> bool:
+    """Whether ``module`` or a submodule runs other code than its class's ``forward``: compiled in place
+    (``nn.Module.compile``) or given a ``forward`` of its own (``torch.compile``'d LightningModules get one)."""
+    return any("forward" in vars(m) or getattr(m, "_compiled_call_impl", None) is not None for m in module.modules())
 
 
 def tensor_hooked(t: Tensor) -> bool:

@@ -18,7 +18,7 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbe
 
 
 def tune_process() -> dict[str, bool]:
-    """Apply the two settings below, once per process, and say which took effect.
+    """Apply the two settings below (again: no harm) and say which took effect.
 
     ``heap``: glibc's malloc keeps freed blocks for reuse. A training step allocates and frees several
     MB of activations and gradients; by default each block above 128 KiB is mapped fresh and returned to the
