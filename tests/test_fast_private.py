@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -54,3 +56,10 @@ def test_model_checkpoint_schedule_is_read() -> None:
     assert not private.checkpoints_within_epochs(ModelCheckpoint())
     assert private.checkpoints_within_epochs(ModelCheckpoint(every_n_train_steps=5))
     assert private.checkpoints_within_epochs(ModelCheckpoint(train_time_interval=__import__("datetime").timedelta(1)))
+
+
+def test_importing_the_package_draws_no_random_numbers() -> None:
+    draw = "import torch; torch.manual_seed(0); {} print(torch.rand(1).item())"
+    values = {subprocess.run([sys.executable, "-c", draw.format(extra)], check=True, capture_output=True,
+                             text=True).stdout for extra in ("", "import fashion_lightning;")}
+    assert len(values) == 1  # the import-time checks of private APIs use no random numbers
