@@ -69,7 +69,8 @@ class ImageClassifier(L.LightningModule):
         n = len(CLASS_NAMES)
         self.train_acc, self.val_acc, self.test_acc = (MulticlassAccuracy(n, average="micro", validate_args=False)
                                                         for _ in range(3))
-        self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
+        # a NaN loss shows as a NaN mean (torchmetrics' default drops it with a warning, and checks every step)
+        self.train_loss, self.val_loss, self.test_loss = (MeanMetric(nan_strategy="disable") for _ in range(3))
         self.val_acc_best = MaxMetric()
         for metric in (self.train_acc, self.train_loss, self.val_acc_best):
             metric.persistent(True)  # a mid-epoch checkpoint resumes the running means and the best so far

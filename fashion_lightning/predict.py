@@ -9,19 +9,16 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig
-from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from fashion_lightning.checkpoint import load_trained
-from fashion_lightning.data import CLASS_NAMES, to_input
+from fashion_lightning.data import CLASS_NAMES
 from fashion_lightning.errors import UserError, reported_as_one_line
+from fashion_lightning.images import ImageError, open_image, probabilities, ranked
 from fashion_lightning.train import CONFIG_DIR
-
-INVERT = ("auto", "always", "never")
 
 
 @dataclass
@@ -34,46 +31,15 @@ class Item:
     error: str | None = None
 
 
-def to_fashion_mnist(image: Image.Image, invert: str = "auto") -> Tensor:
-    """Any image -> (28, 28) uint8 like Fashion-MNIST: grayscale, light object on a dark background, the
-    object's bounding box padded to a square and resized to fill the frame.
-
-    ``invert``: ``auto`` inverts when the border is lighter than the middle (a photo of dark-on-light),
-    ``always`` or ``never`` force it.
-    """
-    if invert not in INVERT:
-        raise UserError(f"invert must be one of {', '.join(INVERT)}, got {invert!r}")
-    gray = torch.from_numpy(np.asarray(image.convert("L"), dtype=np.float32).copy())
-    h, w = gray.shape
-    border = torch.cat([gray[0], gray[-1], gray[:, 0], gray[:, -1]]).mean()
-    middle = gray[h // 4 : h - h // 4, w // 4 : w - w // 4].mean()
-    if invert == "always" or (invert == "auto" and border > middle):
-        gray = 255.0 - gray
-    gray = (gray - gray.min()).clamp(min=0)  # the background becomes 0
-    rows, cols = (gray > 0.1 * gray.max()).nonzero(as_tuple=True)
-    if len(rows):
-        gray = gray[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
-    h, w = gray.shape
-    side = max(h, w)
-    square = torch.zeros(side, side)
-    square[(side - h) // 2 : (side - h) // 2 + h, (side - w) // 2 : (side - w) // 2 + w] = gray
-    small = torch.nn.functional.interpolate(square[None, None], size=(28, 28), mode="area")[0, 0]
-    return (small * (255.0 / max(float(small.max()), 1e-6))).round().clamp(0, 255).to(torch.uint8)
-
-
 def read_image(path: str, invert: str) -> Item:
     """An image file as an `Item`; unreadable files become an `Item` with the reason."""
     file = Path(path).expanduser()
     if not file.is_file():
         return Item(path, error="no such file")
     try:
-        with Image.open(file) as image:
-            image.load()
-            return Item(path, to_fashion_mnist(image, invert))
-    except UnidentifiedImageError:
-        return Item(path, error="not an image (unrecognised format)")
-    except (OSError, SyntaxError, ValueError) as err:
-        return Item(path, error=f"corrupt image ({err})")
+        return Item(path, open_image(file, invert))
+    except ImageError as err:
+        return Item(path, error=str(err))
 
 
 def parse_test_items(spec: str) -> list[int]:
@@ -112,20 +78,13 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     inputs = list(cfg.inputs) if isinstance(cfg.inputs, ListConfig | list) else [str(cfg.inputs)]
     items = gather_items([str(i) for i in inputs], cfg.invert, cfg)
     good = [item for item in items if item.error is None]
-    probs = iter(())
-    if good:
-        x = to_input(torch.stack([item.pixels for item in good]), scale)
-        with torch.inference_mode():
-            probs = iter(model.predict_step(x)[0])
-    results, k = [], min(int(cfg.top_k), len(CLASS_NAMES))
+    probs = iter(probabilities(model, torch.stack([item.pixels for item in good]), scale) if good else ())
+    results = []
     for item in items:
         if item.error is not None:
             results.append({"input": item.name, "error": item.error})
             continue
-        top = next(probs).topk(k)
-        row = {"input": item.name, "prediction": CLASS_NAMES[int(top.indices[0])], "probability": float(top.values[0]),
-               "top": [{"class": CLASS_NAMES[int(i)], "probability": float(v)}
-                       for v, i in zip(top.values, top.indices, strict=True)]}
+        row = {"input": item.name, **ranked(next(probs), int(cfg.top_k))}
         if item.label is not None:
             row["label"] = CLASS_NAMES[item.label]
         results.append(row)

@@ -33,12 +33,14 @@ def test_wheel_installs_with_configs_and_runs_from_anywhere(tmp_path: Path) -> N
     subprocess.run([python, "-m", "pip", "install", "--no-deps", "-q", str(wheel)], check=True, capture_output=True)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    probe = "import fashion_lightning.train as t, fashion_lightning as f; print(t.CONFIG_DIR); print(f.__file__)"
+    probe = ("import fashion_lightning.train as t, fashion_lightning as f; print(t.CONFIG_DIR); print(f.__file__); "
+             "from importlib.resources import files; print(files('fashion_lightning') / 'serve_page.html')")
     lines = subprocess.run([python, "-c", probe], cwd=elsewhere, check=True, capture_output=True,
                            text=True).stdout.split()
     assert all(str(tmp_path / "venv") in line for line in lines), lines
     assert (Path(lines[0]) / "experiment" / "seed_cnn.yaml").is_file()
-    assert (Path(lines[0]) / "speed" / "reference.yaml").is_file()
+    assert (Path(lines[0]) / "speed" / "reference.yaml").is_file() and (Path(lines[0]) / "serve.yaml").is_file()
+    assert Path(lines[2]).is_file()  # the serve page
     job = subprocess.run([python, "-m", "fashion_lightning.train", "experiment=seed_dense", "--cfg", "job"],
                          cwd=elsewhere, check=True, capture_output=True, text=True).stdout
     assert "_target_: fashion_lightning.DenseBaseline" in job and "max_epochs: 10" in job and "fast: true" in job

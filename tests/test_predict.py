@@ -14,7 +14,8 @@ from PIL import Image
 
 from conftest import synthetic_split
 from fashion_lightning import UserError
-from fashion_lightning.predict import parse_test_items, to_fashion_mnist
+from fashion_lightning.images import to_fashion_mnist
+from fashion_lightning.predict import parse_test_items
 
 
 def run_predict(*args: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -1,0 +1,175 @@
+"""Load on ``python -m fashion_lightning.serve``: N concurrent clients, each posting one image per request.
+
+    python benchmarks/serve_load.py --ckpt outputs/runs/<time>/checkpoints/best.ckpt   # starts a server itself
+    python benchmarks/serve_load.py --url http://127.0.0.1:8000 --clients 16 --seconds 20
+    python benchmarks/serve_load.py --ckpt ... max_batch_size=1 workers=2     # the server's settings
+
+Each client (a thread with its own keep-alive connection) posts test-set images as PNG files in the multipart field
+``file``, one per request, back to back; every answer is checked against the class the server gave that image when
+asked alone before the load. Prints predictions/s and the p50 / p99 latency over the timed window (after a warm-up),
+and the errors, if any. The test images come from the real data (``--data-dir``, else the app's) or, without it,
+synthetic ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import io
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+from PIL import Image
+
+BOUNDARY = "fashionlightningload"
+
+
+def multipart(png: bytes) -> bytes:
+    return (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"item.png\"\r\n"
+            f"Content-Type: image/png\r\n\r\n").encode() + png + f"\r\n--{BOUNDARY}--\r\n".encode()
+
+
+def test_pngs(n: int, data_dir: str | None) -> list[bytes]:
+    """``n`` test images as PNG files: the real test set where it can be read, else synthetic blocks."""
+    try:
+        from fashion_lightning.files import ensure_raw_files, load_split
+
+        folder = data_dir or "data"
+        ensure_raw_files(folder, download=False)
+        images = load_split(folder, train=False)[0][:n].numpy()
+    except Exception:  # noqa: BLE001 - no real data: the cost of serving does not depend on it
+        rng = np.random.default_rng(0)
+        images = (np.kron(rng.random((n, 7, 7)) > 0.5, np.ones((4, 4))) * 200).astype(np.uint8)
+    pngs = []
+    for image in images:
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="PNG")
+        pngs.append(buffer.getvalue())
+    return pngs
+
+
+def post(connection: http.client.HTTPConnection, body: bytes) -> dict:
+    connection.request("POST", "/predict", body, {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"})
+    response = connection.getresponse()
+    payload = response.read()
+    if response.status != 200:
+        raise RuntimeError(f"HTTP {response.status}: {payload[:200]!r}")
+    return json.loads(payload)
+
+
+def client(url: str, bodies: list[bytes], expected: list[str], start: int, stop_at: list[float], warm_until: float,
+           latencies: list[float], errors: list[str]) -> None:
+    parsed = urlparse(url)
+    connection = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=30)
+    i = start
+    while time.perf_counter() < stop_at[0]:
+        k = i % len(bodies)
+        begin = time.perf_counter()
+        try:
+            answer = post(connection, bodies[k])["predictions"][0]["prediction"]
+            if answer != expected[k]:
+                errors.append(f"image {k}: {answer} under load, {expected[k]} alone")
+        except Exception as err:  # noqa: BLE001 - counted and reported
+            errors.append(repr(err))
+            connection.close()
+            connection = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=30)
+        end = time.perf_counter()
+        if begin >= warm_until and end <= stop_at[0]:
+            latencies.append(end - begin)
+        i += 1
+    connection.close()
+
+
+def start_server(ckpt: str, overrides: list[str]) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "-m", "fashion_lightning.serve", f"ckpt_path={ckpt}", f"port={port}",
+                                *overrides], start_new_session=True, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"the server exited with code {process.returncode}; run it by hand to see why")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return process, url
+        except OSError:
+            time.sleep(0.5)
+    raise SystemExit("the server did not become healthy in 180 s")
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    os.killpg(process.pid, signal.SIGINT)
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--url", help="a running server, e.g. http://127.0.0.1:8000")
+    where.add_argument("--ckpt", help="a checkpoint: start a server for it on a free port, and stop it after")
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=20.0, help="timed window, after --warmup")
+    parser.add_argument("--warmup", type=float, default=3.0, help="seconds of load before timing")
+    parser.add_argument("--images", type=int, default=256, help="distinct test images the clients cycle through")
+    parser.add_argument("--data-dir", default=None, help="where the real Fashion-MNIST files are (paths.data_dir)")
+    parser.add_argument("overrides", nargs="*", help="with --ckpt: the server's settings, e.g. max_batch_size=1")
+    args = parser.parse_args()
+    for name in ("clients", "images"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.seconds <= 0 or args.warmup < 0:
+        parser.error("--seconds must be positive and --warmup not negative")
+    if args.overrides and not args.ckpt:
+        parser.error("server settings need --ckpt (this script then starts the server)")
+    process, url = (start_server(str(Path(args.ckpt).resolve()), args.overrides) if args.ckpt
+                    else (None, args.url.rstrip("/")))
+    try:
+        bodies = [multipart(png) for png in test_pngs(args.images, args.data_dir)]
+        parsed = urlparse(url)
+        solo = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=30)
+        expected = [post(solo, body)["predictions"][0]["prediction"] for body in bodies]
+        solo.close()
+        latencies: list[float] = []
+        errors: list[str] = []
+        now = time.perf_counter()
+        warm_until, stop_at = now + args.warmup, [now + args.warmup + args.seconds]
+        threads = [threading.Thread(target=client, args=(url, bodies, expected, c * 7, stop_at, warm_until,
+                                                         latencies, errors)) for c in range(args.clients)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        if process is not None:
+            stop_server(process)
+    if not latencies:
+        raise SystemExit(f"no request completed in the timed window; errors: {errors[:3]}")
+    ms = sorted(1000 * t for t in latencies)
+    print(f"{args.clients} clients, {args.seconds:g} s timed after {args.warmup:g} s warm-up, one PNG per request: "
+          f"{len(ms) / args.seconds:.0f} predictions/s, latency p50 {statistics.median(ms):.1f} ms, "
+          f"p99 {ms[min(len(ms) - 1, int(0.99 * len(ms)))]:.1f} ms, max {ms[-1]:.1f} ms; "
+          f"{len(errors)} errors{': ' + errors[0] if errors else ''}")
+    if errors:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

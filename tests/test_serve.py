@@ -1,0 +1,199 @@
+"""python -m fashion_lightning.serve: answers as `predict` gives them, every bad input a 4xx, many clients at once."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+from conftest import synthetic_split
+from fashion_lightning.data import CLASS_NAMES
+from fashion_lightning.images import open_image, probabilities
+from fashion_lightning.predict import predict
+from fashion_lightning.train import CONFIG_DIR
+
+requests = pytest.importorskip("requests", reason="the serve tests need requests (pip install -e '.[test]')")
+serve = pytest.importorskip("fashion_lightning.serve", reason="needs the serve extra: pip install -e '.[serve]'")
+load_served, pixels_from_json = serve.load_served, serve.pixels_from_json
+
+
+def png(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def items() -> tuple[list[bytes], np.ndarray, np.ndarray]:
+    """Twenty synthetic test-like images as PNG files, their pixels and labels."""
+    images, labels = synthetic_split(20, seed=11)
+    return [png(image) for image in images], images, labels
+
+
+def ask(url: str, *files: bytes, **fields: str) -> requests.Response:
+    return requests.post(f"{url}/predict", files=[("file", (f"item{i}.png", f)) for i, f in enumerate(files)],
+                         data=fields, timeout=60)
+
+
+def same_answer(mine: dict, theirs: dict) -> bool:
+    """The same classes in the same order, probabilities equal up to float rounding (batches of other sizes)."""
+    return (mine["prediction"] == theirs["prediction"]
+            and [t["class"] for t in mine["top"]] == [t["class"] for t in theirs["top"]]
+            and [t["probability"] for t in mine["top"]] == pytest.approx([t["probability"] for t in theirs["top"]],
+                                                                        rel=1e-5))
+
+
+def test_answers_as_predict_does(server_url: str, trained_run: Path, items: tuple, tmp_path: Path) -> None:
+    files = items[0]
+    for i, data in enumerate(files[:8]):
+        (tmp_path / f"{i}.png").write_bytes(data)
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("predict", overrides=[f"ckpt_path={trained_run / 'checkpoints' / 'best.ckpt'}",
+                                            f"inputs=[{','.join(str(tmp_path / f'{i}.png') for i in range(8))}]"])
+    expected = predict(cfg)
+    served = [ask(server_url, data).json()["predictions"][0] for data in files[:8]]
+    assert all(same_answer(mine, theirs) for mine, theirs in zip(served, expected, strict=True))
+
+
+def test_several_images_in_one_request_and_the_input_shown(server_url: str, items: tuple) -> None:
+    files, _, _ = items
+    response = ask(server_url, *files[:5], return_input="true")
+    assert response.status_code == 200
+    together = response.json()["predictions"]
+    alone = [ask(server_url, data).json()["predictions"][0] for data in files[:5]]
+    assert all(same_answer(t, a) and len(t["top"]) == 3 for t, a in zip(together, alone, strict=True))
+    for answer, data in zip(together, files[:5], strict=True):  # what the model saw: predict's preprocessing
+        assert torch.equal(torch.tensor(answer["input"], dtype=torch.uint8), open_image(io.BytesIO(data)))
+    assert "input" not in alone[0]
+
+
+def test_json_pixels_taken_as_they_are(server_url: str, trained_run: Path, items: tuple) -> None:
+    _, images, labels = items
+    everything = requests.post(f"{server_url}/predict", json={"pixels": images.tolist()}, timeout=60).json()
+    hits = [answer["prediction"] == CLASS_NAMES[label] for answer, label in zip(everything["predictions"], labels,
+                                                                                 strict=True)]
+    assert sum(hits) >= 18, hits  # known inputs: images like those it was trained on
+    model, scale = load_served(str(trained_run / "checkpoints" / "best.ckpt"))
+    expected = probabilities(model, torch.from_numpy(images[:3]), scale)
+    one = requests.post(f"{server_url}/predict", json={"pixels": images[0].tolist()}, timeout=60).json()
+    three = requests.post(f"{server_url}/predict", json={"pixels": images[:3].tolist()}, timeout=60).json()
+    assert len(one["predictions"]) == 1 and len(three["predictions"]) == 3
+    for answer, probs in zip(three["predictions"], expected, strict=True):
+        assert answer["prediction"] == CLASS_NAMES[int(probs.argmax())]
+        assert answer["probability"] == pytest.approx(float(probs.max()), rel=1e-5)
+    assert same_answer(one["predictions"][0], three["predictions"][0])
+
+
+def test_json_pixel_checks() -> None:
+    assert torch.equal(pixels_from_json([[0.4] * 28] * 27 + [[254.6] * 28]),
+                       torch.tensor([[[0] * 28] * 27 + [[255] * 28]], dtype=torch.uint8))
+    assert pixels_from_json([[[7] * 28] * 28] * 2).shape == (2, 28, 28)
+    for bad, message in (([[1, 2], [3, 4]], "got shape (2, 2)"), ([[float("nan")] * 28] * 28, "finite"),
+                         ([[300] * 28] * 28, "0-255, got 300 to 300"), ("pixels", "must be numbers"),
+                         ([[[1] * 28] * 3] * 28, "got shape (28, 3, 28)"), ([], "got shape (0,)")):
+        with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            pixels_from_json(bad)
+
+
+def big_png(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("L", (width, height)).save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
+
+
+def bad_requests(good: bytes) -> list[tuple[str, dict, int, str]]:
+    """(case, requests.post keyword arguments, expected status, part of the expected detail)."""
+    pixels = np.zeros((28, 28)).tolist()
+    return [
+        ("text as an image", {"files": {"file": ("notes.png", b"just some text")}}, 415, "notes.png: not an image"),
+        ("truncated PNG", {"files": {"file": ("cut.png", good[: len(good) // 2])}}, 400, "cut.png: corrupt image"),
+        ("empty file", {"files": {"file": ("empty.png", b"")}}, 415, "not an image"),
+        ("huge image", {"files": {"file": ("wide.png", big_png(5000, 8))}}, 413, "image too large (5000x8"),
+        ("over the size limit", {"files": {"file": ("big.png", good + b"\0" * (2**20))}}, 413, "over 1 MB"),
+        ("no file field", {"files": {"picture": ("a.png", good)}}, 400, "multipart form field 'file'"),
+        ("too many images", {"files": [("file", ("a.png", good))] * 65}, 413, "at most 64 images"),
+        ("JSON of the wrong shape", {"json": {"pixels": [[1, 2], [3, 4]]}}, 400, "got shape (2, 2)"),
+        ("JSON with NaN", {"data": '{"pixels": [' + ",".join(["[" + ",".join(["NaN"] * 28) + "]"] * 28) + "]}",
+                           "headers": {"Content-Type": "application/json"}}, 400, "finite"),
+        ("JSON out of range", {"json": {"pixels": (np.array(pixels) - 1).tolist()}}, 400, "0-255"),
+        ("JSON without pixels", {"json": {"image": pixels}}, 400, "must hold 'pixels'"),
+        ("JSON not an object", {"json": [pixels]}, 400, "must be an object"),
+        ("malformed JSON", {"data": "{pixels: ", "headers": {"Content-Type": "application/json"}}, 400,
+         "malformed JSON"),
+        ("raw image body", {"data": good, "headers": {"Content-Type": "image/png"}}, 415, "content type 'image/png'"),
+        ("malformed multipart", {"data": b"--x\r\nnonsense", "headers": {"Content-Type": "multipart/form-data"}},
+         400, "malformed multipart form"),
+    ]
+
+
+def test_bad_inputs_get_a_4xx_naming_the_problem_and_the_server_keeps_serving(server_url: str, items: tuple) -> None:
+    good = items[0][0]
+    for case, kwargs, status, detail in bad_requests(good):
+        response = requests.post(f"{server_url}/predict", timeout=60, **kwargs)
+        assert response.status_code == status, (case, response.status_code, response.text)
+        assert detail in response.json()["detail"], (case, response.json())
+    assert ask(server_url, good).status_code == 200
+
+
+def test_many_clients_each_get_their_own_answer(server_url: str, items: tuple) -> None:
+    files, _, _ = items
+    alone = [ask(server_url, data).json()["predictions"][0] for data in files]
+    bad = {"files": {"file": ("notes.png", b"not an image")}}
+
+    def one(i: int) -> tuple[int, int, dict]:
+        if i % 5 == 4:  # bad requests in the same batches as good ones
+            response = requests.post(f"{server_url}/predict", timeout=60, **bad)
+            return i, response.status_code, response.json()
+        response = ask(server_url, files[i % len(files)])
+        return i, response.status_code, response.json()
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(one, range(160)))
+    for i, status, body in results:
+        if i % 5 == 4:
+            assert status == 415 and "not an image" in body["detail"]
+        else:
+            assert status == 200 and same_answer(body["predictions"][0], alone[i % len(files)]), i
+
+
+def test_health_info_and_page(server_url: str, trained_run: Path) -> None:
+    assert requests.get(f"{server_url}/health", timeout=10).status_code == 200
+    info = requests.get(f"{server_url}/info", timeout=10).json()["model"]
+    assert info["name"] == "CNN" and info["classes"] == list(CLASS_NAMES) and info["parameters"] == 804_554
+    assert Path(info["checkpoint"]) == (trained_run / "checkpoints" / "best.ckpt").resolve()
+    page = requests.get(server_url, timeout=10)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert '<canvas id="canvas"' in page.text and "https://" not in page.text  # no CDN: works offline
+
+
+def run_serve(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fashion_lightning.serve", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_bad_start_is_one_clear_line(tmp_path: Path, trained_run: Path) -> None:
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.ckpt")
+    ckpt = trained_run / "checkpoints" / "best.ckpt"
+    for args, message in ((["ckpt_path=missing.ckpt"], "ckpt_path='missing.ckpt' does not exist"),
+                          (["ckpt_path=foreign.ckpt"], "is not a fashion_lightning checkpoint"),
+                          ([f"ckpt_path={ckpt}", "port=80"], "port must be an integer in 1024-65535, got 80"),
+                          ([f"ckpt_path={ckpt}", "invert=maybe"], "invert must be one of auto, always, never")):
+        done = run_serve(*args, cwd=tmp_path)
+        assert done.returncode == 1, (args, done.stderr)
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], done.stderr
+
+
+def test_a_port_in_use_is_one_clear_line(tmp_path: Path, server_url: str, trained_run: Path) -> None:
+    port = server_url.rsplit(":", 1)[1]
+    done = run_serve(f"ckpt_path={trained_run / 'checkpoints' / 'best.ckpt'}", f"port={port}", cwd=tmp_path)
+    assert done.returncode == 1 and f"port {port} is already in use" in done.stderr, done.stderr
+
