@@ -1,20 +1,24 @@
-"""Both speed options side by side, each a whole process: the training app and a plain PyTorch loop of the same math.
+"""Both speed options side by side, each a whole process: the training app, a plain PyTorch loop of the same math,
+and the tutorial's own Keras code.
 
     python benchmarks/benchmark.py                       # seed_cnn, seed_dense, fast_cnn; seeds 0,1,2; CPU
     python benchmarks/benchmark.py --recipes seed_cnn --seeds 0 --epochs 1
+    python benchmarks/benchmark.py --keras-python /path/to/venv-with-tensorflow/bin/python
     python benchmarks/benchmark.py --device cuda --out benchmarks/results-gpu.md
 
-For each recipe and seed, four processes run in turn (so that the machine's drift hits them alike):
+For each recipe and seed, the processes run in turn (so that the machine's drift hits them alike):
 - ``app, fast`` and ``app, reference``: ``python -m fashion_lightning.train experiment=<recipe> speed=<option>``,
   everything the command does (start-up, data, training, validation, test, checkpoints, report);
 - ``plain, fast`` and ``plain, reference``: this script's own loop (``--plain``), the same network, initialisation,
   optimizer, schedule and batches in the same order, with nothing but forward, loss, backward, the optimizer step
-  and a running accuracy; through the fast option's kernels and process settings, or the standard modules.
+  and a running accuracy; through the fast option's kernels and process settings, or the standard modules;
+- ``keras`` (seed_cnn and seed_dense): ``keras_tutorial.py``, the tutorial's recipe in TensorFlow, run by
+  ``--keras-python`` (default: this interpreter); without TensorFlow there it says so and leaves the path out.
 
 s/epoch: the median over epochs of the training steps' wall time (validation excluded); whole s: the process from
 start to exit; CPU s: user + system; peak MiB: the process's largest resident set. Lightning / plain divides the
-app's s/epoch by the plain loop's, option by option. The real data is needed: ``apt-get install
-dataset-fashion-mnist`` or ``--data-dir``.
+app's s/epoch by the plain loop's, option by option; whole / Keras divides each path's whole-run time by Keras's.
+The real data is needed: ``apt-get install dataset-fashion-mnist`` or ``--data-dir``.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ import time
 from pathlib import Path
 
 RECIPES = ("seed_cnn", "seed_dense", "fast_cnn")
-PATHS = ("app, fast", "app, reference", "plain, fast", "plain, reference")
+PATHS = ("app, fast", "app, reference", "plain, fast", "plain, reference", "keras")
+KERAS = Path(__file__).with_name("keras_tutorial.py")
 
 
 def overrides(recipe: str, speed: str, seed: int, args: argparse.Namespace) -> list[str]:
@@ -114,8 +119,13 @@ def measure(command: list[str], cwd: Path) -> tuple[str, dict]:
 
 
 def run(path: str, recipe: str, seed: int, args: argparse.Namespace, workdir: Path) -> dict:
-    kind, speed = path.split(", ")
-    if kind == "plain":
+    kind, _, speed = path.partition(", ")
+    if kind == "keras":
+        flags = ["--data-dir", args.data_dir] if args.data_dir else []
+        flags += ["--epochs", str(args.epochs)] if args.epochs else []
+        stdout, usage = measure([args.keras_python, str(KERAS), recipe, "--seed", str(seed), *flags], workdir)
+        results = json.loads(stdout.strip().splitlines()[-1])
+    elif kind == "plain":
         flags = ["--data-dir", args.data_dir] if args.data_dir else []
         flags += ["--epochs", str(args.epochs)] if args.epochs else []
         stdout, usage = measure([sys.executable, __file__, "--plain", recipe, speed, str(seed), "--device",
@@ -139,16 +149,20 @@ def spread(values: list[float]) -> str:
 
 def table(runs: dict[tuple[str, str], list[dict]], title: str) -> str:
     lines = [title, "", "| recipe | path | s/epoch | whole s | CPU s | peak MiB | test acc, mean (min-max) | "
-             "final-epoch train acc | Lightning / plain |", "|---|---|---:|---:|---:|---:|---|---|---:|"]
+             "final-epoch train acc | Lightning / plain | whole / Keras |",
+             "|---|---|---:|---:|---:|---:|---|---|---:|---:|"]
     for (recipe, path), results in runs.items():
         if not results:
             continue
         med = {key: statistics.median(r[key] for r in results) for key in ("s_epoch", "whole_s", "cpu_s", "peak_mib")}
         plain_runs = runs.get((recipe, path.replace("app", "plain")), []) if path.startswith("app") else []
         ratio = med["s_epoch"] / statistics.median(r["s_epoch"] for r in plain_runs) if plain_runs else None
+        keras_runs = runs.get((recipe, "keras"), [])
+        to_keras = med["whole_s"] / statistics.median(r["whole_s"] for r in keras_runs) if keras_runs else None
         lines.append(f"| {recipe} | {path} | {med['s_epoch']:.2f} | {med['whole_s']:.1f} | {med['cpu_s']:.1f} | "
                      f"{med['peak_mib']:,.0f} | {spread([r['test_acc'] for r in results])} | "
-                     f"{spread([r['train_acc'] for r in results])} | {'' if ratio is None else f'{ratio:.3f}'} |")
+                     f"{spread([r['train_acc'] for r in results])} | {'' if ratio is None else f'{ratio:.3f}'} | "
+                     f"{'' if to_keras is None else f'{to_keras:.3f}'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -156,7 +170,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipes", default=",".join(RECIPES), help=f"comma-separated, of {', '.join(RECIPES)}")
     parser.add_argument("--paths", default=",".join(p.replace(", ", ":") for p in PATHS),
-                        help="comma-separated, of app:fast, app:reference, plain:fast, plain:reference")
+                        help="comma-separated, of app:fast, app:reference, plain:fast, plain:reference, keras")
+    parser.add_argument("--keras-python", default=sys.executable,
+                        help="an interpreter with TensorFlow for the keras path (default: this one)")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds; accuracy is reported over them")
     parser.add_argument("--epochs", type=int, default=None, help="override every recipe's epoch count")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -174,6 +190,11 @@ def main() -> None:
         parser.error(f"unknown recipe or path {bad[0]!r}; choose from {', '.join(RECIPES)} and {', '.join(PATHS)}")
     if args.data_dir:
         args.data_dir = str(Path(args.data_dir).resolve())
+    if "keras" in paths and subprocess.run([args.keras_python, "-c", "import tensorflow"],
+                                           capture_output=True).returncode != 0:
+        print(f"no TensorFlow for {args.keras_python}: the keras path is left out "
+              "(pip install tensorflow-cpu there, or pass --keras-python)", flush=True)
+        paths.remove("keras")
     import torch
 
     device = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "CPU"
@@ -186,6 +207,8 @@ def main() -> None:
         for recipe in recipes:
             for seed in seeds:
                 for path in paths:
+                    if path == "keras" and recipe not in ("seed_cnn", "seed_dense"):
+                        continue  # the tutorial has no such recipe
                     runs[recipe, path].append(run(path, recipe, seed, args, Path(tmp)))
                     print(recipe, path, seed, runs[recipe, path][-1], flush=True)
                 out.write_text(table(runs, title))  # after each seed: a run cut short keeps what it measured

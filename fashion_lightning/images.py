@@ -5,12 +5,13 @@ Shared by ``predict`` (files on disk) and ``serve`` (uploaded bytes).
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
 from fashion_lightning.data import CLASS_NAMES, to_input
@@ -18,7 +19,9 @@ from fashion_lightning.errors import UserError
 from fashion_lightning.module import ImageClassifier
 
 INVERT = ("auto", "always", "never")
+FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF")  # what is opened; Pillow's other plugins are not
 MAX_SIDE = 4096  # pixels; a larger image is refused before it is decoded
+WORKING_SIDE = 1024  # a larger image is averaged down to about this size first: the result is 28x28 anyway
 
 
 class ImageError(ValueError):
@@ -43,7 +46,10 @@ def to_fashion_mnist(image: Image.Image, invert: str = "auto") -> Tensor:
     """
     if invert not in INVERT:
         raise UserError(f"invert must be one of {', '.join(INVERT)}, got {invert!r}")
-    gray = torch.from_numpy(np.asarray(image.convert("L"), dtype=np.float32).copy())
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit PNG or TIFF, 0-65535 (L would clip at 255)
+        gray = torch.from_numpy(np.asarray(image, dtype=np.float32) / 257.0).clamp(0, 255)
+    else:
+        gray = torch.from_numpy(np.asarray(image.convert("L"), dtype=np.float32).copy())
     h, w = gray.shape
     border = torch.cat([gray[0], gray[-1], gray[:, 0], gray[:, -1]]).mean()
     middle = gray[h // 4 : h - h // 4, w // 4 : w - w // 4].mean()
@@ -62,23 +68,45 @@ def to_fashion_mnist(image: Image.Image, invert: str = "auto") -> Tensor:
 
 
 def open_image(source: str | Path | IO[bytes], invert: str = "auto", max_side: int = MAX_SIDE) -> Tensor:
-    """An image file (a path or a binary file object: PNG, JPEG, any format Pillow reads) -> (28, 28) uint8 via
-    `to_fashion_mnist`. Raises `ImageError` for a non-image, a corrupt or truncated file, or one wider or taller
-    than ``max_side`` pixels (checked from its header, before decoding): `NotAnImage`, `ImageTooLarge`, or else
-    `ImageError` (corrupt)."""
+    """An image file (a path or a binary file object; PNG, JPEG, GIF (its first frame), BMP, WebP or TIFF) ->
+    (28, 28) uint8 via `to_fashion_mnist`, turned upright as its EXIF orientation says. Raises `NotAnImage` for
+    a file in none of these formats, `ImageTooLarge` for one wider or taller than ``max_side`` pixels (read from
+    its header, before decoding), and `ImageError` for a corrupt or truncated one."""
     try:
-        with Image.open(source) as image:
+        with Image.open(source, formats=FORMATS) as image:
             width, height = image.size
             if max(width, height) > max_side:
                 raise ImageTooLarge(f"image too large ({width}x{height} pixels; at most {max_side} a side)")
+            image.draft("L", (WORKING_SIDE, WORKING_SIDE))  # JPEG: decode at a reduced scale where that suffices
             image.load()
-            return to_fashion_mnist(image, invert)
+            ImageOps.exif_transpose(image, in_place=True)
+            return to_fashion_mnist(shrunk(image), invert)
     except UnidentifiedImageError:
-        raise NotAnImage("not an image (unrecognised format)") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        if isinstance(err, ImageError | UserError):
-            raise
-        raise ImageError(f"corrupt image ({err})") from None
+        raise NotAnImage(f"not an image (unrecognised format; {', '.join(FORMATS)} are read)") from None
+    except (ImageError, UserError):
+        raise
+    except Exception as err:  # noqa: BLE001 - whatever a malformed file makes a decoder raise
+        raise ImageError(f"corrupt image ({type(err).__name__}: {err})") from None
+
+
+def pixel_count(data: bytes) -> int:
+    """Width x height from an image file's header (nothing decoded); 0 for what `open_image` will refuse."""
+    try:
+        with Image.open(io.BytesIO(data), formats=FORMATS) as image:
+            return image.size[0] * image.size[1]
+    except Exception:  # noqa: BLE001 - open_image says what is wrong with it
+        return 0
+
+
+def shrunk(image: Image.Image) -> Image.Image:
+    """A large image averaged down by a whole factor to about ``WORKING_SIDE`` a side (the result is 28x28 anyway,
+    and the float work on every pixel of a 4096x4096 image would cost ~10x its decoding)."""
+    factor = -(-max(image.size) // WORKING_SIDE)
+    if factor == 1:
+        return image
+    if image.mode not in ("L", "LA", "RGB", "RGBA", "CMYK", "I", "F"):  # the modes Pillow's reduce() takes
+        image = image.convert("I" if image.mode.startswith("I;16") else "L")
+    return image.reduce(factor)
 
 
 @torch.inference_mode()

@@ -70,9 +70,11 @@ def truthy(value: Any) -> bool:
 
 def pixels_from_json(value: Any) -> torch.Tensor:
     """JSON pixel values -> (N, 28, 28) uint8, rounded; a `ValueError` names what is wrong."""
+    if not isinstance(value, list):
+        raise ValueError("'pixels' must be numbers in a 28x28 array or a list of them")
     try:
         array = torch.tensor(value, dtype=torch.float64)
-    except (TypeError, ValueError, RuntimeError):
+    except (TypeError, ValueError, RuntimeError, OverflowError):
         raise ValueError("'pixels' must be numbers in a 28x28 array or a list of them") from None
     shape = tuple(array.shape)
     array = array[None] if array.dim() == 2 else array
@@ -89,10 +91,11 @@ class FashionMNISTAPI(ls.LitAPI):
     """The LitServe API of a fashion_lightning checkpoint: decode (in the inference worker), batch, predict."""
 
     def __init__(self, ckpt_path: str, top_k: int = 3, invert: str = "auto", max_images: int = 64,
-                 max_batch_size: int = 16, batch_timeout: float = 0.002, threads: int = 1) -> None:
+                 max_megapixels: float = 64, max_batch_size: int = 16, batch_timeout: float = 0.002,
+                 threads: int = 1) -> None:
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout)
-        self.ckpt_path, self.top_k, self.invert, self.max_images, self.threads = (
-            ckpt_path, top_k, invert, max_images, threads)
+        self.ckpt_path, self.top_k, self.invert, self.max_images, self.max_megapixels, self.threads = (
+            ckpt_path, top_k, invert, max_images, max_megapixels, threads)
 
     def setup(self, device: str) -> None:
         torch.set_num_threads(self.threads)
@@ -115,19 +118,24 @@ class FashionMNISTAPI(ls.LitAPI):
                 return Rejected(400, "no image: send it as the multipart form field 'file'")
             if len(uploads) > self.max_images:
                 return Rejected(413, f"at most {self.max_images} images a request, got {len(uploads)}")
+            if any(isinstance(upload, str) for upload in uploads):
+                return Rejected(400, "form field 'file' holds text, not a file")
+            files = [(upload.filename or f"file {i + 1}", upload.file.read()) for i, upload in enumerate(uploads)]
+            megapixels = sum(images.pixel_count(data) for _, data in files) / 1e6
+            if megapixels > self.max_megapixels:
+                return Rejected(413, f"{megapixels:.1f} megapixels in one request; at most {self.max_megapixels:g}")
             pixels = []
-            for i, upload in enumerate(uploads):
-                name = getattr(upload, "filename", None) or f"file {i + 1}"
-                if isinstance(upload, str):
-                    return Rejected(400, f"form field 'file' {i + 1} is text, not a file")
+            for name, data in files:
                 try:
-                    pixels.append(open_image(io.BytesIO(upload.file.read()), self.invert))
+                    pixels.append(open_image(io.BytesIO(data), self.invert))
                 except ImageError as err:
                     status = {images.NotAnImage: 415, images.ImageTooLarge: 413}.get(type(err), 400)
                     return Rejected(status, f"{name}: {err}")
             return Images(torch.stack(pixels), truthy(request.get("return_input")))
         except ValueError as err:
             return Rejected(400, str(err))
+        except Exception as err:  # noqa: BLE001 - a request must never fail the other requests batched with it
+            return Rejected(400, f"unreadable request ({type(err).__name__}: {err})")
 
     def batch(self, inputs: list[Images | Rejected]) -> list[Images | Rejected]:
         return inputs  # `predict` concatenates the good ones
@@ -209,18 +217,18 @@ class FrontDoor:
 
     @staticmethod
     async def check(request: Request, body: bytes) -> Rejected | None:
-        content_type = request.headers.get("content-type", "")
+        content_type = request.headers.get("content-type", "").lower()
         if content_type.startswith("multipart/form-data"):
             try:
-                await request.form()
+                async with request.form():
+                    return None
             except Exception as err:  # noqa: BLE001 - starlette's parser errors: a malformed form
                 return Rejected(400, f"malformed multipart form ({getattr(err, 'detail', err)})")
-            return None
         if content_type.split(";")[0].strip() == "application/json":
             try:
                 payload = json.loads(body)
-            except (ValueError, UnicodeDecodeError) as err:
-                return Rejected(400, f"malformed JSON ({err})")
+            except (ValueError, RecursionError) as err:
+                return Rejected(400, f"malformed JSON ({type(err).__name__}: {err})"[:300])
             return None if isinstance(payload, dict) else Rejected(400, "JSON must be an object: {\"pixels\": ...}")
         return Rejected(415, f"content type {content_type or 'none'!r}: send an image as the multipart form field "
                              "'file', or JSON {\"pixels\": ...}")
@@ -232,11 +240,12 @@ def build_server(cfg: DictConfig) -> ls.LitServer:
         raise UserError(f"invert must be one of {', '.join(images.INVERT)}, got {cfg.invert!r}")
     for key in ("top_k", "max_images", "max_batch_size", "workers", "threads"):
         check_positive_int(key, cfg[key])
-    if not (isinstance(cfg.max_upload_mb, int | float) and cfg.max_upload_mb > 0):
-        raise UserError(f"max_upload_mb must be a positive number, got {cfg.max_upload_mb!r}")
+    for key in ("max_upload_mb", "max_megapixels", "batch_timeout"):
+        if isinstance(cfg[key], bool) or not isinstance(cfg[key], int | float) or not cfg[key] > 0:
+            raise UserError(f"{key} must be a positive number, got {cfg[key]!r}")
     model, scale = load_served(cfg.ckpt_path)
     api = FashionMNISTAPI(str(Path(cfg.ckpt_path).expanduser().resolve()), cfg.top_k, cfg.invert, cfg.max_images,
-                          cfg.max_batch_size, float(cfg.batch_timeout), cfg.threads)
+                          cfg.max_megapixels, cfg.max_batch_size, float(cfg.batch_timeout), cfg.threads)
     info = {"name": type(model).__name__, "classes": list(CLASS_NAMES), "checkpoint": api.ckpt_path,
             "parameters": sum(p.numel() for p in model.parameters()), "scaled_inputs": scale, "top_k": cfg.top_k,
             "max_images": cfg.max_images, "max_upload_mb": cfg.max_upload_mb}
@@ -252,6 +261,7 @@ def check_port(host: str, port: Any) -> None:
     if host not in ("127.0.0.1", "0.0.0.0", "::"):
         raise UserError(f"host must be 127.0.0.1, 0.0.0.0 or ::, got {host!r}")
     with socket.socket(socket.AF_INET6 if host == "::" else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a just-stopped server's port is free
         try:
             probe.bind((host, port))
         except OSError as err:

@@ -13,7 +13,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import lightning as L
@@ -22,6 +22,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
+from PIL import Image
 
 from fashion_lightning import FashionMNISTDataModule
 from fashion_lightning.files import ensure_raw_files
@@ -48,6 +49,26 @@ def synthetic_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     labels = rng.integers(0, 10, n).astype(np.uint8)
     images = templates[labels] * rng.uniform(0.3, 1.0, (n, 1, 1)) + rng.uniform(0, 150, (n, 28, 28))
     return np.clip(images, 0, 255).astype(np.uint8), labels
+
+
+def smooth_item() -> np.ndarray:
+    """A 28x28 light-on-dark object with soft edges, filling the frame like a Fashion-MNIST item."""
+    yy, xx = np.mgrid[:28, :28]
+    body = np.clip(1.2 - ((yy - 13.5) / 14) ** 2 - ((xx - 13.5) / 9) ** 2, 0, 1) * 230
+    body[10:18, 12:16] *= 0.3  # a darker detail
+    return body.astype(np.uint8)
+
+
+def save_variants(folder: Path) -> list[str]:
+    """One item saved three ways: light-on-dark PNG, a dark-on-light 'photo' JPEG, an odd-sized RGB PNG."""
+    image = smooth_item()
+    Image.fromarray(image).save(folder / "light_on_dark.png")
+    big = Image.fromarray(255 - image).resize((150, 150), Image.BILINEAR)
+    canvas = Image.new("L", (230, 190), 255)
+    canvas.paste(big, (40, 20))
+    canvas.convert("RGB").save(folder / "photo.jpg", quality=95)
+    Image.fromarray(np.stack([image] * 3, axis=-1)).resize((61, 61), Image.BILINEAR).save(folder / "rgb_odd.png")
+    return ["light_on_dark.png", "photo.jpg", "rgb_odd.png"]
 
 
 @pytest.fixture(scope="session")
@@ -165,19 +186,21 @@ def serving(ckpt: Path, *overrides: str) -> Iterator[str]:
                     raise RuntimeError("the server did not become healthy in 180 s") from None
                 time.sleep(0.25)
         yield url
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGINT)  # LitServe's graceful shutdown: its workers and queues too
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+    finally:  # the whole process group: LitServe's workers and queue manager too, even if the server died
+        with suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGINT)  # LitServe's graceful shutdown
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            pass
+        with suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
         log.close()
 
 
 @pytest.fixture(scope="session")
 def server_url(trained_run: Path) -> Iterator[str]:
-    """A server for the synthetic-data checkpoint (uploads limited to 1 MB, to test the limit cheaply)."""
-    with serving(trained_run / "checkpoints" / "best.ckpt", "max_upload_mb=1") as url:
+    """A server for the synthetic-data checkpoint (uploads limited to 3 MB, to test the limit cheaply)."""
+    with serving(trained_run / "checkpoints" / "best.ckpt", "max_upload_mb=3") as url:
         yield url

@@ -9,12 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from conftest import synthetic_split
+from conftest import save_variants, synthetic_split
 from fashion_lightning import UserError
-from fashion_lightning.images import to_fashion_mnist
 from fashion_lightning.predict import parse_test_items
 
 
@@ -27,45 +25,6 @@ def class_image(label: int) -> np.ndarray:
     """A clean 28x28 light-on-dark image of a synthetic class."""
     images, labels = synthetic_split(200, seed=5)
     return images[labels == label][0]
-
-
-def smooth_item() -> np.ndarray:
-    """A 28x28 light-on-dark object with soft edges, filling the frame like a Fashion-MNIST item."""
-    yy, xx = np.mgrid[:28, :28]
-    body = np.clip(1.2 - ((yy - 13.5) / 14) ** 2 - ((xx - 13.5) / 9) ** 2, 0, 1) * 230
-    body[10:18, 12:16] *= 0.3  # a darker detail
-    return body.astype(np.uint8)
-
-
-def save_variants(folder: Path) -> list[str]:
-    """One item saved three ways: light-on-dark PNG, a dark-on-light 'photo' JPEG, an odd-sized RGB PNG."""
-    image = smooth_item()
-    Image.fromarray(image).save(folder / "light_on_dark.png")
-    big = Image.fromarray(255 - image).resize((150, 150), Image.BILINEAR)
-    canvas = Image.new("L", (230, 190), 255)
-    canvas.paste(big, (40, 20))
-    canvas.convert("RGB").save(folder / "photo.jpg", quality=95)
-    Image.fromarray(np.stack([image] * 3, axis=-1)).resize((61, 61), Image.BILINEAR).save(folder / "rgb_odd.png")
-    return ["light_on_dark.png", "photo.jpg", "rgb_odd.png"]
-
-
-def test_every_form_of_an_image_converts_alike(tmp_path: Path) -> None:
-    converted = [to_fashion_mnist(Image.open(tmp_path / name)).float() for name in save_variants(tmp_path)]
-    for other in converted[1:]:
-        assert (other - converted[0]).abs().mean() < 8  # JPEG and resampling noise only (of 255)
-
-
-def test_conversion_gives_light_on_dark_28x28() -> None:
-    yy, xx = np.mgrid[:120, :160]
-    disk = ((yy - 60) ** 2 + (xx - 90) ** 2 < 40**2)
-    photo = Image.fromarray(np.where(disk, 30, 240).astype(np.uint8)).convert("RGB")  # dark disk on white, off-centre
-    x = to_fashion_mnist(photo)
-    assert x.shape == (28, 28) and x.dtype == torch.uint8
-    corners = torch.stack([x[0, 0], x[0, -1], x[-1, 0], x[-1, -1]]).float()
-    assert corners.max() < 40 and x[14, 14] > 200 and x[14, 0] > 100  # the disk fills the frame, light on dark
-    assert to_fashion_mnist(photo, "never")[14, 14] < 40  # forced: left as it was, a dark object
-    with pytest.raises(UserError, match="invert must be one of auto, always, never, got 'maybe'"):
-        to_fashion_mnist(photo, "maybe")
 
 
 def test_test_index_specs() -> None:

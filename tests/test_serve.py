@@ -117,13 +117,18 @@ def bad_requests(good: bytes) -> list[tuple[str, dict, int, str]]:
         ("truncated PNG", {"files": {"file": ("cut.png", good[: len(good) // 2])}}, 400, "cut.png: corrupt image"),
         ("empty file", {"files": {"file": ("empty.png", b"")}}, 415, "not an image"),
         ("huge image", {"files": {"file": ("wide.png", big_png(5000, 8))}}, 413, "image too large (5000x8"),
-        ("over the size limit", {"files": {"file": ("big.png", good + b"\0" * (2**20))}}, 413, "over 1 MB"),
+        ("over the size limit", {"files": {"file": ("big.png", good + b"\0" * (7 * 2**19))}}, 413, "over 3 MB"),
+        ("too many pixels", {"files": [("file", (f"{i}.png", big_png(4096, 4096))) for i in range(4)]}, 413,
+         "67.1 megapixels in one request; at most 64"),
         ("no file field", {"files": {"picture": ("a.png", good)}}, 400, "multipart form field 'file'"),
         ("too many images", {"files": [("file", ("a.png", good))] * 65}, 413, "at most 64 images"),
         ("JSON of the wrong shape", {"json": {"pixels": [[1, 2], [3, 4]]}}, 400, "got shape (2, 2)"),
         ("JSON with NaN", {"data": '{"pixels": [' + ",".join(["[" + ",".join(["NaN"] * 28) + "]"] * 28) + "]}",
                            "headers": {"Content-Type": "application/json"}}, 400, "finite"),
         ("JSON out of range", {"json": {"pixels": (np.array(pixels) - 1).tolist()}}, 400, "0-255"),
+        ("JSON number too large", {"json": {"pixels": [[10**400] * 28] * 28}}, 400, "must be numbers"),
+        ("JSON nested too deep", {"data": "[" * 100_000, "headers": {"Content-Type": "application/json"}}, 400,
+         "malformed JSON (RecursionError"),
         ("JSON without pixels", {"json": {"image": pixels}}, 400, "must hold 'pixels'"),
         ("JSON not an object", {"json": [pixels]}, 400, "must be an object"),
         ("malformed JSON", {"data": "{pixels: ", "headers": {"Content-Type": "application/json"}}, 400,
@@ -141,6 +146,15 @@ def test_bad_inputs_get_a_4xx_naming_the_problem_and_the_server_keeps_serving(se
         assert response.status_code == status, (case, response.status_code, response.text)
         assert detail in response.json()["detail"], (case, response.json())
     assert ask(server_url, good).status_code == 200
+
+
+def test_large_uploads_within_the_limit_are_answered(server_url: str) -> None:
+    noise = np.random.default_rng(0).integers(0, 256, (1500, 1500), dtype=np.uint8)  # a 2.1 MB PNG
+    response = ask(server_url, png(noise))
+    assert response.status_code == 200 and len(response.json()["predictions"]) == 1
+    upper = requests.post(f"{server_url}/predict", json={"pixels": np.zeros((28, 28)).tolist()},
+                          headers={"Content-Type": "Application/JSON"}, timeout=60)
+    assert upper.status_code == 200
 
 
 def test_many_clients_each_get_their_own_answer(server_url: str, items: tuple) -> None:
