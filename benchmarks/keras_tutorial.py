@@ -25,6 +25,7 @@ RECIPES = {"seed_dense": 10, "seed_cnn": 5}
 
 
 def read_idx(folder: Path, name: str) -> np.ndarray:
+    """One IDX file as an array: read here, as this script runs where TensorFlow is, without torch or this package."""
     for candidate in (folder / name, folder / f"{name}.gz", folder / "FashionMNIST" / "raw" / name):
         if candidate.is_file():
             raw = (gzip.open if candidate.suffix == ".gz" else open)(candidate, "rb").read()

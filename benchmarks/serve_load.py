@@ -17,15 +17,11 @@ import argparse
 import http.client
 import io
 import json
-import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
-import urllib.request
+from contextlib import ExitStack
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -91,35 +87,6 @@ def client(url: str, bodies: list[bytes], expected: list[str], start: int, stop_
     connection.close()
 
 
-def start_server(ckpt: str, overrides: list[str]) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    process = subprocess.Popen([sys.executable, "-m", "fashion_lightning.serve", f"ckpt_path={ckpt}", f"port={port}",
-                                *overrides], start_new_session=True, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"the server exited with code {process.returncode}; run it by hand to see why")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return process, url
-        except OSError:
-            time.sleep(0.5)
-    raise SystemExit("the server did not become healthy in 180 s")
-
-
-def stop_server(process: subprocess.Popen) -> None:
-    os.killpg(process.pid, signal.SIGINT)
-    try:
-        process.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     where = parser.add_mutually_exclusive_group(required=True)
@@ -139,9 +106,13 @@ def main() -> None:
         parser.error("--seconds must be positive and --warmup not negative")
     if args.overrides and not args.ckpt:
         parser.error("server settings need --ckpt (this script then starts the server)")
-    process, url = (start_server(str(Path(args.ckpt).resolve()), args.overrides) if args.ckpt
-                    else (None, args.url.rstrip("/")))
-    try:
+    with ExitStack() as stack:
+        if args.ckpt:
+            from fashion_lightning.serve import in_background
+
+            url = stack.enter_context(in_background(Path(args.ckpt).resolve(), *args.overrides))
+        else:
+            url = args.url.rstrip("/")
         bodies = [multipart(png) for png in test_pngs(args.images, args.data_dir)]
         parsed = urlparse(url)
         solo = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=30)
@@ -157,9 +128,6 @@ def main() -> None:
             thread.start()
         for thread in threads:
             thread.join()
-    finally:
-        if process is not None:
-            stop_server(process)
     if not latencies:
         raise SystemExit(f"no request completed in the timed window; errors: {errors[:3]}")
     ms = sorted(1000 * t for t in latencies)

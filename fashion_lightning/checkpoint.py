@@ -55,15 +55,20 @@ def load_model(path: str | Path) -> ImageClassifier:
     return model_from_checkpoint(read_checkpoint(path))
 
 
+def trained_model(path: str | Path) -> tuple[ImageClassifier, bool]:
+    """The trained model of a checkpoint file (on the CPU, in eval mode) and whether it was trained on pixels / 255
+    (``scale``, read from the checkpoint's datamodule settings)."""
+    checkpoint = read_checkpoint(path)
+    scale = checkpoint.get("datamodule_hyper_parameters", {}).get("scale", True)
+    return model_from_checkpoint(checkpoint), bool(scale)
+
+
 def load_trained(cfg: DictConfig, command: str) -> tuple[Path, ImageClassifier, bool]:
-    """For the apps that use a trained model: ``cfg.ckpt_path`` (required), its model on the CPU in eval mode,
-    and whether it was trained on pixels / 255 (``scale``, read from the checkpoint's datamodule settings)."""
+    """For the apps that use a trained model: ``cfg.ckpt_path`` (required) and its `trained_model`."""
     if OmegaConf.is_missing(cfg, "ckpt_path") or not cfg.ckpt_path:
         raise UserError(f"ckpt_path is required: python -m fashion_lightning.{command} ckpt_path=path/to/best.ckpt")
     path = Path(cfg.ckpt_path).expanduser()
-    checkpoint = read_checkpoint(path)
-    scale = checkpoint.get("datamodule_hyper_parameters", {}).get("scale", True)
-    return path, model_from_checkpoint(checkpoint), bool(scale)
+    return (path, *trained_model(path))
 
 
 def run_dir_of(ckpt_path: Path) -> Path:

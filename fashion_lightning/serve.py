@@ -16,8 +16,16 @@ from __future__ import annotations
 import errno
 import io
 import json
+import os
+import signal
 import socket
+import subprocess
 import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
@@ -28,7 +36,7 @@ import torch
 from omegaconf import DictConfig
 
 from fashion_lightning import images
-from fashion_lightning.checkpoint import load_trained
+from fashion_lightning.checkpoint import load_trained, trained_model
 from fashion_lightning.data import CLASS_NAMES
 from fashion_lightning.errors import UserError, check_positive_int, reported_as_one_line
 from fashion_lightning.images import ImageError, open_image, probabilities, ranked
@@ -99,7 +107,7 @@ class FashionMNISTAPI(ls.LitAPI):
 
     def setup(self, device: str) -> None:
         torch.set_num_threads(self.threads)
-        self.model, self.scale = load_served(self.ckpt_path)
+        self.model, self.scale = trained_model(self.ckpt_path)
         self.model.to(device)
 
     def decode_request(self, request):  # no annotation: LitServe would read it as the request type
@@ -162,12 +170,6 @@ class FashionMNISTAPI(ls.LitAPI):
             for answer, pixels in zip(answers, request.pixels, strict=True):
                 answer["input"] = pixels.tolist()
         return JSONResponse({"predictions": answers})
-
-
-def load_served(ckpt_path: str) -> tuple[Any, bool]:
-    """The checkpoint's model (eval mode, on the CPU) and its pixel scaling; a `UserError` for a bad file."""
-    _, model, scale = load_trained(DictConfig({"ckpt_path": ckpt_path}), "serve")
-    return model, scale
 
 
 class FrontDoor:
@@ -243,8 +245,8 @@ def build_server(cfg: DictConfig) -> ls.LitServer:
     for key in ("max_upload_mb", "max_megapixels", "batch_timeout"):
         if isinstance(cfg[key], bool) or not isinstance(cfg[key], int | float) or not cfg[key] > 0:
             raise UserError(f"{key} must be a positive number, got {cfg[key]!r}")
-    model, scale = load_served(cfg.ckpt_path)
-    api = FashionMNISTAPI(str(Path(cfg.ckpt_path).expanduser().resolve()), cfg.top_k, cfg.invert, cfg.max_images,
+    path, model, scale = load_trained(cfg, "serve")
+    api = FashionMNISTAPI(str(path.resolve()), cfg.top_k, cfg.invert, cfg.max_images,
                           cfg.max_megapixels, cfg.max_batch_size, float(cfg.batch_timeout), cfg.threads)
     info = {"name": type(model).__name__, "classes": list(CLASS_NAMES), "checkpoint": api.ckpt_path,
             "parameters": sum(p.numel() for p in model.parameters()), "scaled_inputs": scale, "top_k": cfg.top_k,
@@ -268,6 +270,47 @@ def check_port(host: str, port: Any) -> None:
             if err.errno == errno.EADDRINUSE:
                 raise UserError(f"port {port} is already in use on {host}; choose another: port=8001") from None
             raise
+
+
+@contextmanager
+def in_background(ckpt_path: str | Path, *overrides: str, timeout: float = 180) -> Iterator[str]:
+    """``python -m fashion_lightning.serve`` for ``ckpt_path`` (and ``overrides``, e.g. ``max_batch_size=1``) as a
+    background process on a free port; yields its URL once ``/health`` answers, and stops it (its workers too) on
+    exit. A server that exits (the end of its log in the message) or stays unhealthy for ``timeout`` seconds raises
+    `RuntimeError`."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = tempfile.TemporaryFile()  # not a pipe: a server that logs much must never block on it
+    command = [sys.executable, "-m", "fashion_lightning.serve", f"ckpt_path={ckpt_path}", f"port={port}", *overrides]
+    process = subprocess.Popen(command, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if process.poll() is not None:
+                log.seek(0)
+                raise RuntimeError(f"the server exited ({process.returncode}): {log.read().decode()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the server did not become healthy in {timeout:g} s") from None
+                time.sleep(0.25)
+        yield url
+    finally:  # the whole process group: LitServe's workers and queue manager too, even if the server died
+        with suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGINT)  # LitServe's graceful shutdown
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            pass
+        with suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        log.close()
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="serve")

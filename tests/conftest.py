@@ -3,17 +3,8 @@
 from __future__ import annotations
 
 import gzip
-import os
-import signal
-import socket
 import struct
-import subprocess
-import sys
-import tempfile
-import time
-import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import lightning as L
@@ -161,46 +152,9 @@ def by_hand(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(kernels, "AVX512", True)
 
 
-@contextmanager
-def serving(ckpt: Path, *overrides: str) -> Iterator[str]:
-    """``python -m fashion_lightning.serve`` for ``ckpt`` on a free port, healthy; yields its URL, then stops it."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    log = tempfile.TemporaryFile()  # not a pipe: a server that logs much must never block on it
-    process = subprocess.Popen([sys.executable, "-m", "fashion_lightning.serve", f"ckpt_path={ckpt}", f"port={port}",
-                                *overrides], start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if process.poll() is not None:
-                log.seek(0)
-                raise RuntimeError(f"the server exited ({process.returncode}): {log.read().decode()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the server did not become healthy in 180 s") from None
-                time.sleep(0.25)
-        yield url
-    finally:  # the whole process group: LitServe's workers and queue manager too, even if the server died
-        with suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGINT)  # LitServe's graceful shutdown
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            pass
-        with suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-        log.close()
-
-
 @pytest.fixture(scope="session")
 def server_url(trained_run: Path) -> Iterator[str]:
     """A server for the synthetic-data checkpoint (uploads limited to 3 MB, to test the limit cheaply)."""
-    with serving(trained_run / "checkpoints" / "best.ckpt", "max_upload_mb=3") as url:
+    serve = pytest.importorskip("fashion_lightning.serve", reason="needs the serve extra: pip install -e '.[serve]'")
+    with serve.in_background(trained_run / "checkpoints" / "best.ckpt", "max_upload_mb=3") as url:
         yield url

@@ -15,6 +15,7 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from conftest import synthetic_split
+from fashion_lightning.checkpoint import trained_model
 from fashion_lightning.data import CLASS_NAMES
 from fashion_lightning.images import open_image, probabilities
 from fashion_lightning.predict import predict
@@ -22,7 +23,7 @@ from fashion_lightning.train import CONFIG_DIR
 
 requests = pytest.importorskip("requests", reason="the serve tests need requests (pip install -e '.[test]')")
 serve = pytest.importorskip("fashion_lightning.serve", reason="needs the serve extra: pip install -e '.[serve]'")
-load_served, pixels_from_json = serve.load_served, serve.pixels_from_json
+pixels_from_json = serve.pixels_from_json
 
 
 def png(image: np.ndarray) -> bytes:
@@ -81,7 +82,7 @@ def test_json_pixels_taken_as_they_are(server_url: str, trained_run: Path, items
     hits = [answer["prediction"] == CLASS_NAMES[label] for answer, label in zip(everything["predictions"], labels,
                                                                                  strict=True)]
     assert sum(hits) >= 18, hits  # known inputs: images like those it was trained on
-    model, scale = load_served(str(trained_run / "checkpoints" / "best.ckpt"))
+    model, scale = trained_model(trained_run / "checkpoints" / "best.ckpt")
     expected = probabilities(model, torch.from_numpy(images[:3]), scale)
     one = requests.post(f"{server_url}/predict", json={"pixels": images[0].tolist()}, timeout=60).json()
     three = requests.post(f"{server_url}/predict", json={"pixels": images[:3].tolist()}, timeout=60).json()
@@ -196,7 +197,8 @@ def run_serve(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 def test_bad_start_is_one_clear_line(tmp_path: Path, trained_run: Path) -> None:
     torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.ckpt")
     ckpt = trained_run / "checkpoints" / "best.ckpt"
-    for args, message in ((["ckpt_path=missing.ckpt"], "ckpt_path='missing.ckpt' does not exist"),
+    for args, message in (([], "ckpt_path is required: python -m fashion_lightning.serve ckpt_path="),
+                          (["ckpt_path=missing.ckpt"], "ckpt_path='missing.ckpt' does not exist"),
                           (["ckpt_path=foreign.ckpt"], "is not a fashion_lightning checkpoint"),
                           ([f"ckpt_path={ckpt}", "port=80"], "port must be an integer in 1024-65535, got 80"),
                           ([f"ckpt_path={ckpt}", "invert=maybe"], "invert must be one of auto, always, never")):
