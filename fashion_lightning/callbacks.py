@@ -10,7 +10,8 @@ from types import FrameType
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, EMAWeightAveraging, TQDMProgressBar
+from lightning.pytorch.trainer.states import TrainerFn
 
 from fashion_lightning.fast.batches import GroupedBatches
 
@@ -121,3 +122,19 @@ class BatchProgressBar(TQDMProgressBar):
             bar.n = done
             bar.refresh()
             bar.set_postfix(self.get_metrics(trainer, pl_module))
+
+
+class EMA(EMAWeightAveraging):
+    """Lightning's `EMAWeightAveraging`: an exponential moving average of the weights, updated after every optimizer
+    step, is what validation evaluates, what checkpoints hold as ``state_dict`` and what the model holds when
+    training ends.
+
+    One change: Lightning's callback, still holding its average after ``fit``, answers a later
+    ``trainer.test(ckpt_path=...)`` by loading the checkpoint's raw (not averaged) weights into the model, so the
+    test would silently evaluate other weights than validation chose. Here a checkpoint restores the raw weights
+    and the average only when a fit resumes; a test, validation or prediction evaluates its averaged weights.
+    """
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if trainer.state.fn == TrainerFn.FITTING:
+            super().on_load_checkpoint(trainer, pl_module, checkpoint)

@@ -9,6 +9,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from fashion_lightning.augment import BatchAugment
 from fashion_lightning.errors import UserError, check_positive_int
 from fashion_lightning.files import IDX_FILES, ensure_raw_files, load_split
 
@@ -32,13 +33,16 @@ class BatchLoader:
     ``world_size > 1`` each rank reads its share (training shares are padded to equal length, like
     ``DistributedSampler``; evaluation shares are not, so every item is counted once). The order is a
     function of (seed, epoch), the epoch taken from ``epoch_of`` (the trainer's) when given; it is resumable
-    mid-epoch: Lightning saves ``state_dict()`` in checkpoints and restores it before iterating.
+    mid-epoch: Lightning saves ``state_dict()`` in checkpoints and restores it before iterating. With ``augment``,
+    each batch is augmented with a generator seeded by (seed, epoch, rank, batch), so a resumed epoch sees the
+    same images.
     """
 
     def __init__(self, images: Tensor, labels: Tensor, batch_size: int, *, shuffle: bool = False, seed: int = 0,
                  scale: bool = True, rank: int = 0, world_size: int = 1,
-                 epoch_of: Callable[[], int] | None = None) -> None:
+                 epoch_of: Callable[[], int] | None = None, augment: BatchAugment | None = None) -> None:
         self.images, self.labels = images, labels
+        self.augment = augment
         self.batch_size, self.shuffle, self.seed, self.scale = batch_size, shuffle, seed, scale
         self.rank, self.world_size = rank, world_size
         self.epoch_of = epoch_of  # where the epoch number comes from, e.g. the trainer's; else each pass is the next
@@ -75,7 +79,11 @@ class BatchLoader:
         for begin in range(start * self.batch_size, len(indices), self.batch_size):
             idx = indices[begin : begin + self.batch_size]
             self.position += 1
-            yield to_input(self.images[idx], self.scale), self.labels[idx]
+            x = to_input(self.images[idx], self.scale)
+            if self.augment is not None:
+                key = hash((self.seed, epoch, self.rank, self.position)) & 0xFFFF_FFFF_FFFF
+                x = self.augment(x, torch.Generator(x.device).manual_seed(key))
+            yield x, self.labels[idx]
 
     def give_back(self, batches: int) -> None:
         """Count the last ``batches`` handed out as unread: a step that failed took them, and a resume runs it again."""
@@ -109,18 +117,23 @@ class FashionMNISTDataModule(L.LightningDataModule):
         scale: divide pixels by 255 (the tutorial's dense run used raw 0-255 pixels).
         seed: seeds the validation split and the per-epoch shuffling.
         download: let torchvision download when no local copy exists.
+        augment: augmentation of the training batches (`BatchAugment`); validation, test and prediction batches
+            are never augmented.
     """
 
     classes = CLASS_NAMES
 
     def __init__(self, data_dir: str = "data", source_dir: str | None = None, val_split: int | float = 5000,
                  batch_size: int = 32, eval_batch_size: int = 1000, scale: bool = True, seed: int = 0,
-                 download: bool = True) -> None:
+                 download: bool = True, augment: BatchAugment | None = None) -> None:
         super().__init__()
+        if augment is not None and not isinstance(augment, BatchAugment):
+            raise UserError(f"data.augment must be a BatchAugment or null, got {augment!r}")
         check_positive_int("data.batch_size", batch_size)
         check_positive_int("data.eval_batch_size", eval_batch_size)
         self.num_val = self._val_count(val_split)
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["augment"])
+        self.augment = augment
         self.train_set: tuple[Tensor, Tensor] | None = None
         self.val_set: tuple[Tensor, Tensor] | None = None
         self.test_set: tuple[Tensor, Tensor] | None = None
@@ -176,7 +189,8 @@ class FashionMNISTDataModule(L.LightningDataModule):
         return BatchLoader(images, labels, hp.batch_size if train else hp.eval_batch_size, seed=hp.seed,
                            shuffle=train and not (trainer is not None and trainer.overfit_batches > 0),
                            scale=hp.scale, rank=rank, world_size=world,
-                           epoch_of=(lambda: trainer.current_epoch) if train and trainer is not None else None)
+                           epoch_of=(lambda: trainer.current_epoch) if train and trainer is not None else None,
+                           augment=self.augment if train else None)
 
     def train_dataloader(self) -> object:
         loader = self._loader("train")

@@ -23,15 +23,19 @@ TOLERANCE = 1e-5
 
 
 class Probabilities(nn.Module):
-    """A network's logits turned into class probabilities: what an exported model outputs."""
+    """A network's logits turned into class probabilities: what an exported model outputs. With ``flip`` (a model
+    trained with ``eval_flip``), the logits are averaged with those of the mirrored images, as the model predicts."""
 
-    def __init__(self, net: nn.Module) -> None:
+    def __init__(self, net: nn.Module, flip: bool = False) -> None:
         super().__init__()
-        self.net = net
+        self.net, self.flip = net, flip
 
     def forward(self, images: Tensor) -> Tensor:
         """(N, 1, 28, 28) float images, scaled as in training -> (N, 10) probabilities."""
-        return self.net(images).softmax(dim=1)
+        logits = self.net(images)
+        if self.flip:
+            logits = (logits + self.net(images.flip(3))) / 2
+        return logits.softmax(dim=1)
 
 
 def write_onnx(model: nn.Module, example: Tensor, path: Path) -> Any:
@@ -66,7 +70,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     if cfg.format not in FORMATS:
         raise UserError(f"format must be one of {', '.join(FORMATS)}, got {cfg.format!r}")
     ckpt_path, trained, scale = load_trained(cfg, "export")
-    model = Probabilities(trained.net).eval()
+    model = Probabilities(trained.net, flip=bool(trained.hparams.get("eval_flip"))).eval()
     out = Path(cfg.output) if cfg.output else run_dir_of(ckpt_path) / "export" / f"model{FORMATS[cfg.format]}"
     out.parent.mkdir(parents=True, exist_ok=True)
     datamodule = instantiate(cfg.data)
@@ -74,7 +78,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     images = to_input(datamodule.test_set[0][:256], scale)
     with torch.no_grad():
         run = (write_onnx if cfg.format == "onnx" else write_torchscript)(model, images[:2], out)
-        expected = model(images)
+        expected = trained.predict_step(images)[0]  # what predict and serve answer
         difference = (run(images) - expected).abs().max().item()
     if not difference <= TOLERANCE:
         out.unlink(missing_ok=True)

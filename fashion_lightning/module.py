@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import lightning as L
@@ -16,12 +17,23 @@ from fashion_lightning.errors import UserError, check_positive_int
 from fashion_lightning.fast import FastLoop
 from fashion_lightning.models import ConvNet, DenseNet, keras_init_, summary
 
-SCHEDULES = ("constant", "onecycle")
+SCHEDULES = ("constant", "onecycle", "cosine")
 CHECKPOINT_KEY = "fashion_lightning_class"
 """Checkpoint entry naming the module's class, so that a checkpoint alone rebuilds its model."""
 STEPS_KEY = "fashion_lightning_steps"
 """Checkpoint entry saying how the fit counted its steps (textbook, or the fast loop's batches per step)."""
 Batch = tuple[Tensor, Tensor]
+
+
+def cosine_with_warmup(optimizer: torch.optim.Optimizer, total_steps: int,
+                       warmup_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """The rate rises linearly over ``warmup_steps`` optimizer steps, then follows a cosine down to 0 at
+    ``total_steps``."""
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps - warmup_steps, 1))
+    if not warmup_steps:
+        return cosine
+    warm = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1 / (warmup_steps + 1), total_iters=warmup_steps)
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, [warm, cosine], milestones=[warmup_steps])
 
 
 class ImageClassifier(L.LightningModule):
@@ -45,8 +57,15 @@ class ImageClassifier(L.LightningModule):
         lr: Adam's learning rate (the peak rate with the ``onecycle`` schedule).
         betas: Adam's betas.
         eps: Adam's epsilon (Keras uses 1e-7, torch 1e-8).
-        weight_decay: L2 penalty added by Adam.
-        schedule: ``constant`` or ``onecycle`` (stepped every optimizer step, over the whole fit).
+        weight_decay: L2 penalty added by Adam (or, with ``decoupled_weight_decay``, AdamW's decay).
+        decoupled_weight_decay: decay the weights apart from the gradient, as AdamW.
+        schedule: ``constant``, ``onecycle`` or ``cosine`` (cosine decay to 0 after a linear ``warmup``), stepped
+            every optimizer step over the whole fit.
+        warmup: with ``cosine``, the fraction of the fit's optimizer steps spent warming up linearly from 0.
+        label_smoothing: the training loss's label smoothing, as ``F.cross_entropy(label_smoothing=...)``;
+            ``val/loss`` and ``test/loss`` stay the plain cross entropy.
+        eval_flip: test-time augmentation: validation, test and prediction average the logits of each image and of
+            its left-right mirror.
         keras_init: glorot-uniform weights and zero biases, as Keras initialises.
         compile: run the network through ``torch.compile``.
         fast: the speed option (see above).
@@ -54,12 +73,18 @@ class ImageClassifier(L.LightningModule):
     """
 
     def __init__(self, net: nn.Module, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, schedule: str = "constant", keras_init: bool = False,
-                 compile: bool = False, fast: bool = False, batches_per_step: int = 64) -> None:
+                 weight_decay: float = 0.0, decoupled_weight_decay: bool = False, schedule: str = "constant",
+                 warmup: float = 0.0, label_smoothing: float = 0.0, eval_flip: bool = False,
+                 keras_init: bool = False, compile: bool = False, fast: bool = False,
+                 batches_per_step: int = 64) -> None:
         super().__init__()
         for name, value in (("lr", lr), ("eps", eps)):
             if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
                 raise UserError(f"model.{name} must be a positive number, got {value!r}")
+        for name, value, top in (("weight_decay", weight_decay, math.inf), ("warmup", warmup, 1.0),
+                                 ("label_smoothing", label_smoothing, 1.0)):
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < top:
+                raise UserError(f"model.{name} must be a number in [0, {top}), got {value!r}")
         if schedule not in SCHEDULES:
             raise UserError(f"model.schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
         check_positive_int("model.batches_per_step", batches_per_step)
@@ -104,6 +129,16 @@ class ImageClassifier(L.LightningModule):
         """``self(x)``; with ``fast``, through the fused kernels where they compute exactly that."""
         return self(x) if self.fast_loop is None else self.fast_loop.logits(self, x)
 
+    def evaluate(self, x: Tensor) -> Tensor:
+        """The logits validation, test and prediction use: ``self(x)``, averaged with those of the mirrored images
+        when ``eval_flip``."""
+        logits = self._logits(x)
+        return (logits + self._logits(x.flip(3))) / 2 if self.hparams.get("eval_flip") else logits
+
+    def training_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """Cross entropy, with ``label_smoothing``."""
+        return F.cross_entropy(logits, labels, label_smoothing=self.hparams.get("label_smoothing", 0.0))
+
     def setup(self, stage: str) -> None:
         if self.hparams.compile:
             self.net.compile()
@@ -130,7 +165,7 @@ class ImageClassifier(L.LightningModule):
             return self.fast_loop.training_step(self, batch, batch_idx)  # steps the optimizer itself
         x, y = batch
         logits = self(x)
-        loss = F.cross_entropy(logits, y)
+        loss = self.training_loss(logits, y)
         self.update_metrics("train", logits, y, loss, len(y))
         self.log("train/loss_step", loss, prog_bar=True)
         return loss
@@ -152,7 +187,7 @@ class ImageClassifier(L.LightningModule):
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         x, y = batch
-        logits = self._logits(x)
+        logits = self.evaluate(x)
         self.update_metrics("val", logits, y, F.cross_entropy(logits, y), len(y))
 
     def on_validation_epoch_end(self) -> None:
@@ -163,7 +198,7 @@ class ImageClassifier(L.LightningModule):
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
         x, y = batch
-        logits = self._logits(x)
+        logits = self.evaluate(x)
         self.update_metrics("test", logits, y, F.cross_entropy(logits, y), len(y))
 
     def on_test_epoch_end(self) -> None:
@@ -172,16 +207,21 @@ class ImageClassifier(L.LightningModule):
     def predict_step(self, batch: Tensor | Batch, batch_idx: int = 0) -> tuple[Tensor, Tensor]:
         """Class probabilities (N, 10) and predicted classes (N,) for a batch of images (labels ignored)."""
         x = batch[0] if isinstance(batch, list | tuple) else batch
-        probs = self._logits(x).softmax(dim=1)
+        probs = self.evaluate(x).softmax(dim=1)
         return probs, probs.argmax(dim=1)
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams
         optimizer = torch.optim.Adam(self.parameters(), lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps,
-                                     weight_decay=hp.weight_decay, fused=True)
+                                     weight_decay=hp.weight_decay,
+                                     decoupled_weight_decay=hp.get("decoupled_weight_decay", False), fused=True)
         if hp.schedule == "constant":
             return optimizer
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=hp.lr, total_steps=self._total_steps())
+        total = self._total_steps()
+        if hp.schedule == "onecycle":
+            scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=hp.lr, total_steps=total)
+        else:
+            scheduler = cosine_with_warmup(optimizer, total, round(hp.get("warmup", 0.0) * total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def _total_steps(self) -> int:

@@ -7,6 +7,7 @@ import logging
 import os
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,10 +69,12 @@ def _overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
-    """Fit ``cfg.model`` on ``cfg.data``, test the chosen checkpoint once, write ``results.json``; return it.
+def train(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict[str, Any]:
+    """Fit ``cfg.model`` on ``cfg.data``, test the chosen checkpoint once (unless ``cfg.test`` is false), write
+    ``results.json``; return it.
 
-    ``cfg`` is the composed ``train`` config; ``cfg.paths.output_dir`` is the run directory.
+    ``cfg`` is the composed ``train`` config; ``cfg.paths.output_dir`` is the run directory. ``callbacks`` are
+    Lightning callbacks added to the configured ones (a tuner's pruning callback, for example).
     """
     start = time.perf_counter()
     check_accelerator(cfg.trainer.accelerator)
@@ -84,7 +87,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.output_root)
     if ckpt_path:
         check_compatible(read_checkpoint(ckpt_path), model, ckpt_path)
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    callbacks = [*(instantiate(c) for c in (cfg.get("callbacks") or {}).values()), *callbacks]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
@@ -92,33 +95,36 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     fit_metrics = {k.replace("/", "_"): float(v) for k, v in trainer.callback_metrics.items() if "/" in k}
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     test_ckpt = best if cfg.test_ckpt == "best" and best else None
-    (test_metrics,) = trainer.test(model, datamodule=datamodule, ckpt_path=test_ckpt, verbose=False)
+    tested = cfg.get("test", True)
+    if tested:
+        (test_metrics,) = trainer.test(model, datamodule=datamodule, ckpt_path=test_ckpt, verbose=False)
 
     timer = next((c for c in trainer.callbacks if isinstance(c, EpochTimer)), None)
     results = {
         **fit_metrics,
-        "test_acc": test_metrics["test/acc"],
-        "test_loss": test_metrics["test/loss"],
-        "tested": test_ckpt or "final weights",
+        **({"test_acc": test_metrics["test/acc"], "test_loss": test_metrics["test/loss"],
+            "tested": test_ckpt or "final weights"} if tested else {"tested": None}),
         "epochs": trainer.current_epoch,
         "steps": trainer.global_step,
         "wall_time_s": round(time.perf_counter() - start, 2),
         "epoch_time_s": [round(t, 3) for t in timer.times] if timer else [],
         "params": sum(p.numel() for p in model.net.parameters()),
         "model": cfg.model._target_,
+        "recipe": cfg.get("recipe", "custom"),
         "seed": cfg.seed,
         "overrides": _overrides(),
         "resumed_from": ckpt_path,
         "run_dir": str(run_dir),
     }
     if trainer.is_global_zero:
-        if cfg.get("report"):
+        if cfg.get("report") and tested:
             from fashion_lightning.report import METRICS_CSV, write_report
 
             write_report(model, datamodule, run_dir / "report", metrics_csv=run_dir / METRICS_CSV)
         write_json(run_dir / "results.json", results)
-        log.info("test accuracy %.4f (%s), %d steps in %.1f s; results: %s", results["test_acc"], results["tested"],
-                 results["steps"], results["wall_time_s"], run_dir / "results.json")
+        if tested:
+            log.info("test accuracy %.4f (%s), %d steps in %.1f s; results: %s", results["test_acc"],
+                     results["tested"], results["steps"], results["wall_time_s"], run_dir / "results.json")
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         trainer.strategy.barrier("results written")  # no rank exits while rank 0 still writes
         torch.distributed.destroy_process_group()

@@ -1,16 +1,21 @@
-"""The app's own Lightning callbacks: the progress bar counts batches, whatever a training step holds."""
+"""The app's own Lightning callbacks: the progress bar counts batches, whatever a training step holds; the weights'
+moving average is what validation, checkpoints and the test evaluate."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
 import lightning as L
 import pytest
+import torch
+import torch.nn.functional as F
 
-from conftest import N_TRAIN, fit_model
-from fashion_lightning import DenseBaseline
-from fashion_lightning.callbacks import BatchProgressBar
+from conftest import N_TRAIN, compose_train, fit_model, quick_overrides
+from fashion_lightning import CNN, DenseBaseline, FashionMNISTDataModule, UserError
+from fashion_lightning.callbacks import EMA, BatchProgressBar
+from fashion_lightning.train import train
 
 EPOCH = math.ceil((N_TRAIN - 5000) / 32)  # batches of 32 in an epoch after the default 5000 validation images
 
@@ -38,3 +43,39 @@ def test_progress_bar_refreshes_every_refresh_rate_batches(data_dir: Path, tmp_p
     fit_model(DenseBaseline(), data_dir, tmp_path, callbacks=(bar, spy), max_epochs=1, limit_train_batches=10,
               enable_progress_bar=True)
     assert seen == [0, 0, 0, 4, 4, 4, 4, 8, 8, 10]  # every 4 batches and at the end
+
+
+def test_ema_weights_are_validated_checkpointed_and_tested(data_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    overrides = [o for o in quick_overrides(data_dir, out) if not o.startswith("+trainer.limit_val")]
+    results = train(compose_train("callbacks=ema", "callbacks.ema.decay=0.9", "model=dense", "speed=reference",
+                                  *overrides, "+trainer.limit_val_batches=2", "+trainer.limit_test_batches=3"))
+    assert results["tested"].endswith("best.ckpt")
+    checkpoint = torch.load(out / "checkpoints" / "best.ckpt", weights_only=False)
+    averaged, raw = checkpoint["state_dict"], checkpoint["current_model_state"]
+    assert not torch.equal(averaged["net.out.weight"], raw["net.out.weight"])  # the average differs from the raw
+
+    def loss_of(weights: dict, split: str, batches: int) -> float:
+        model = DenseBaseline()
+        model.load_state_dict(weights)
+        dm = FashionMNISTDataModule(data_dir=str(data_dir), download=False, seed=42)  # the app's split
+        pairs = list(itertools.islice(getattr(dm, f"{split}_dataloader")(), batches))
+        with torch.no_grad():
+            return float(F.cross_entropy(model(torch.cat([x for x, _ in pairs])), torch.cat([y for _, y in pairs])))
+
+    assert results["val_loss"] == pytest.approx(loss_of(averaged, "val", 2), rel=1e-5)  # validated: the average
+    assert results["test_loss"] == pytest.approx(loss_of(averaged, "test", 3), rel=1e-5)  # tested: the average
+    assert results["test_loss"] != pytest.approx(loss_of(raw, "test", 3), rel=1e-4)
+
+
+def test_the_fast_option_keeps_ema_exact_one_batch_a_step_and_refuses_more(data_dir: Path, tmp_path: Path) -> None:
+    weights = []
+    for fast in (False, True):
+        torch.manual_seed(0)
+        model = CNN(fast=fast, batches_per_step=1)
+        fit_model(model, data_dir, tmp_path, callbacks=(EMA(decay=0.8),), max_steps=6)
+        weights.append(model.net.out.weight.detach())  # the average, copied in when training ends
+    torch.testing.assert_close(weights[0], weights[1], rtol=1e-4, atol=1e-6)
+    with pytest.raises(UserError, match="callback EMA, which reads each training batch, while a training step here "
+                                        "holds 64 batches; set batches_per_step=1"):
+        fit_model(CNN(fast=True, batches_per_step=64), data_dir, tmp_path, callbacks=(EMA(),), max_steps=6)

@@ -45,6 +45,23 @@ def test_export_round_trip(fmt: str, trained_run: Path, data_dir: Path, tmp_path
     assert torch.allclose(probs, expected, atol=1e-5)
 
 
+def test_a_model_evaluated_with_flips_exports_with_them(trained_run: Path, data_dir: Path, tmp_path: Path) -> None:
+    checkpoint = torch.load(trained_run / "checkpoints" / "best.ckpt", weights_only=False)
+    checkpoint["hyper_parameters"]["eval_flip"] = True
+    ckpt, out = tmp_path / "flip.ckpt", tmp_path / "flip.pt"
+    torch.save(checkpoint, ckpt)
+    done = export(f"ckpt_path={ckpt}", "format=torchscript", f"output={out}", f"paths.data_dir={data_dir}",
+                  cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    x = torch.rand(16, 1, 28, 28)
+    net = load_model(ckpt).net
+    with torch.no_grad():
+        probs, plain = torch.jit.load(str(out))(x), net(x).softmax(1)
+        flipped = ((net(x) + net(x.flip(3))) / 2).softmax(1)
+    torch.testing.assert_close(probs, flipped, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(probs, plain, atol=1e-4)
+
+
 def test_export_default_goes_into_the_run_directory(trained_run: Path, data_dir: Path, tmp_path: Path) -> None:
     done = export(f"ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}", "format=torchscript",
                   f"paths.data_dir={data_dir}", cwd=tmp_path)

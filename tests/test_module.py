@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import itertools
+import math
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +77,10 @@ def test_onecycle_runs_to_its_end_over_the_fit(data_dir: Path, tmp_path: Path) -
     ({"lr": 0}, "model.lr must be a positive number, got 0"),
     ({"lr": -1e-3}, "model.lr must be a positive number, got -0.001"),
     ({"eps": "big"}, "model.eps must be a positive number, got 'big'"),
-    ({"schedule": "cosine"}, "model.schedule must be one of constant, onecycle, got 'cosine'"),
+    ({"schedule": "step"}, "model.schedule must be one of constant, onecycle, cosine, got 'step'"),
+    ({"warmup": 1.0}, r"model.warmup must be a number in \[0, 1.0\), got 1.0"),
+    ({"label_smoothing": -0.1}, r"model.label_smoothing must be a number in \[0, 1.0\), got -0.1"),
+    ({"weight_decay": -1}, r"model.weight_decay must be a number in \[0, inf\), got -1"),
     ({"batches_per_step": 0}, "model.batches_per_step must be a positive integer, got 0"),
 ])
 def test_bad_optimizer_settings(kwargs: dict, message: str) -> None:
@@ -281,3 +286,101 @@ def test_precision_plugins_train(precision: Any, dtype: torch.dtype, data_dir: P
     trainer = fit_model(model, data_dir, tmp_path, max_steps=6, **setting)
     assert trainer.global_step == 6 and all(p.dtype == dtype for p in model.parameters())
     assert all(not torch.equal(a.to(dtype), b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+class LearningRates(L.Callback):
+    """Records the learning rate each training step runs with."""
+
+    takes_batch_lists = True
+
+    def __init__(self) -> None:
+        self.rates: list[float] = []
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        self.rates.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def test_cosine_warms_up_linearly_then_decays_to_zero(data_dir: Path, tmp_path: Path) -> None:
+    spy = LearningRates()
+    model = CNN(schedule="cosine", warmup=0.25, lr=0.01)
+    trainer = fit_model(model, data_dir, tmp_path, callbacks=(spy,), max_epochs=2, limit_train_batches=8)
+    rates = spy.rates
+    assert len(rates) == trainer.global_step == 16
+    assert rates[:5] == pytest.approx([0.01 * k / 5 for k in range(1, 6)])  # 4 warm-up steps, then the peak
+    assert all(a > b for a, b in itertools.pairwise(rates[4:]))  # then down all the way
+    assert rates[-1] == pytest.approx(0.01 * (1 - math.cos(math.pi / 12)) / 2)  # the cosine's last step before 0
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_the_fast_option_steps_the_cosine_schedule_alike(data_dir: Path, tmp_path: Path) -> None:
+    finals = []
+    for fast in (False, True):
+        torch.manual_seed(0)
+        model = CNN(schedule="cosine", warmup=0.1, lr=0.01, fast=fast, batches_per_step=4)
+        trainer = fit_model(model, data_dir, tmp_path, max_epochs=2, limit_train_batches=8)
+        scheduler = trainer.lr_scheduler_configs[0].scheduler
+        finals.append((scheduler.last_epoch, trainer.optimizers[0].param_groups[0]["lr"], model.net.out.weight))
+    assert finals[0][:2] == finals[1][:2] == (16, pytest.approx(0.0, abs=1e-12))
+    torch.testing.assert_close(finals[0][2], finals[1][2], rtol=1e-4, atol=1e-5)
+
+
+def test_decoupled_weight_decay_shrinks_the_weights_as_adamw() -> None:
+    torch.manual_seed(0)
+    for decoupled in (False, True):
+        model = DenseBaseline(lr=0.01, weight_decay=0.1, decoupled_weight_decay=decoupled)
+        optimizer = model.configure_optimizers()
+        before = [p.detach().clone() for p in model.parameters()]
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        optimizer.step()
+        weight, after = before[0], next(model.parameters()).detach()
+        if decoupled:  # AdamW: p <- p * (1 - lr * wd), the gradient (zero) apart
+            torch.testing.assert_close(after, weight * (1 - 0.01 * 0.1))
+        else:  # Adam's L2: the decay enters the gradient, so each weight moves by about lr
+            torch.testing.assert_close((after - weight).abs(), torch.full_like(weight, 0.01), rtol=2e-2, atol=0)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_label_smoothing_changes_the_training_loss_as_cross_entropy_does(fast: bool, data_dir: Path,
+                                                                         tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = CNN(label_smoothing=0.2, fast=fast, batches_per_step=1)
+    initial = CNN()
+    initial.load_state_dict(model.state_dict())
+    dm = FashionMNISTDataModule(data_dir=str(data_dir), download=False, seed=0)
+    seen = []
+    spy = type("Spy", (L.Callback,), {"takes_batch_lists": True, "on_train_batch_start":
+                                       lambda self, trainer, module, batch, i: seen.append(batch)})()
+    trainer = L.Trainer(max_steps=1, limit_val_batches=1, num_sanity_val_steps=0, logger=False, callbacks=[spy],
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        accelerator="cpu", default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=dm)
+    ((x, y),) = seen
+    logits = initial(x)
+    logged = float(trainer.callback_metrics["train/loss_step"])
+    assert logged == pytest.approx(float(F.cross_entropy(logits, y, label_smoothing=0.2)), rel=1e-5)
+    assert logged != pytest.approx(float(F.cross_entropy(logits, y)), rel=1e-3)
+    (metrics,) = trainer.validate(model, datamodule=dm, verbose=False)
+    xv, yv = next(iter(dm.val_dataloader()))  # validation reports the plain cross entropy
+    assert metrics["val/loss"] == pytest.approx(
+        float(F.cross_entropy(model.eval()(xv), yv)), rel=1e-5)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_eval_flip_averages_the_logits_of_each_image_and_its_mirror(fast: bool, data_dir: Path,
+                                                                      tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = CNN(eval_flip=True, fast=fast)
+    dm = FashionMNISTDataModule(data_dir=str(data_dir), download=False)
+    trainer = fit_model(model, data_dir, tmp_path, max_steps=5)
+    (metrics,) = trainer.test(model, datamodule=dm, verbose=False)
+    model.eval()
+    with torch.no_grad():
+        batches = list(dm.test_dataloader())
+        logits = torch.cat([(model.net(x) + model.net(x.flip(3))) / 2 for x, _ in batches])
+        labels = torch.cat([y for _, y in batches])
+        probs, _ = model.predict_step(batches[0][0])
+        plain = torch.cat([model.net(x) for x, _ in batches])
+    assert metrics["test/loss"] == pytest.approx(float(F.cross_entropy(logits, labels)), rel=1e-5)
+    assert metrics["test/loss"] != pytest.approx(float(F.cross_entropy(plain, labels)), rel=1e-4)
+    torch.testing.assert_close(probs, logits[:1000].softmax(1), rtol=1e-5, atol=1e-6)

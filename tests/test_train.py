@@ -16,7 +16,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 
 from conftest import compose_train, quick_overrides
-from fashion_lightning import CNN, DenseBaseline, FashionMNISTDataModule
+from fashion_lightning import CNN, BatchAugment, DenseBaseline, FashionMNISTDataModule
 from fashion_lightning.checkpoint import load_model
 from fashion_lightning.errors import UserError, reported_as_one_line
 from fashion_lightning.train import check_accelerator, train
@@ -57,6 +57,18 @@ def test_experiments_set_the_tutorial_recipes() -> None:
     dense = compose_train("experiment=seed_dense")
     assert dense.model._target_ == "fashion_lightning.DenseBaseline" and dense.model.keras_init
     assert (dense.data.scale, dense.trainer.max_epochs, dense.data.val_split) == (False, 10, 0)
+
+
+@pytest.mark.parametrize(("experiment", "cls", "params"), [("best_cnn", CNN, 804_554),
+                                                           ("best_dense", DenseBaseline, 29_898)])
+def test_the_best_recipes_keep_the_architecture_and_never_select_on_the_test_set(experiment: str, cls: type,
+                                                                               params: int) -> None:
+    cfg = compose_train(f"experiment={experiment}")
+    model, data = instantiate(cfg.model), instantiate(cfg.data)
+    assert type(model) is cls and sum(p.numel() for p in model.net.parameters()) == params
+    assert data.num_val == 5000 and cfg.test_ckpt == "last" and cfg.recipe == experiment  # validation carved
+    assert isinstance(data.augment, BatchAugment) and data.augment.flip and model.hparams.eval_flip
+    assert model.hparams.label_smoothing > 0 and model.hparams.schedule == "cosine"
 
 
 @pytest.mark.parametrize("model", ["cnn", "dense"])
@@ -209,5 +221,6 @@ def test_help_lists_groups_and_options(tmp_path: Path) -> None:
     done = run_cli("--help", cwd=tmp_path)
     assert done.returncode == 0
     for line in ("model: cnn, dense", "speed: fast, reference", "trainer: cpu, ddp, ddp_cpu, default, gpu",
-                 "experiment: fast_cnn, seed_cnn, seed_dense", "sweep: kernel_size", "logger: csv, tensorboard"):
+                 "experiment: best_cnn, best_dense, fast_cnn, seed_cnn, seed_dense", "callbacks: default, ema",
+                 "sweep: kernel_size", "logger: csv, tensorboard"):
         assert line in done.stdout

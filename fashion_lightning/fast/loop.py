@@ -16,7 +16,6 @@ from __future__ import annotations
 import warnings
 
 import torch
-import torch.nn.functional as F
 from lightning import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import (
     Callback,
@@ -240,15 +239,16 @@ class FastLoop:
                 logger.log_metrics({"train/loss_step": loss.item(), "epoch": trainer.current_epoch}, step=step)
                 logger.save()
 
-    @staticmethod
-    def _loss_and_grads(module: LightningModule, net: nn.Module | None, x: Tensor, y: Tensor,
+    def _loss_and_grads(self, module: LightningModule, net: nn.Module | None, x: Tensor, y: Tensor,
                         optimizer: torch.optim.Optimizer) -> tuple[Tensor, Tensor]:
-        """What ``F.cross_entropy(module(x), y)``, ``zero_grad`` and ``backward`` compute: through ``net``'s kernels
-        (by hand where it can), or ``module(x)`` itself where ``net`` is None."""
-        if net is not None and (result := networks.loss_and_grads(net, x, y)) is not None:
+        """What ``module.training_loss(module(x), y)``, ``zero_grad`` and ``backward`` compute: through ``net``'s
+        kernels (by hand where it can: the plain cross entropy), or ``module(x)`` itself where ``net`` is None."""
+        plain_loss = (type(module).training_loss is self.base.training_loss
+                      and not module.hparams.get("label_smoothing"))
+        if net is not None and plain_loss and (result := networks.loss_and_grads(net, x, y)) is not None:
             return result
         logits = module(x) if net is None else networks.logits(net, x)
-        loss = F.cross_entropy(logits, y)
+        loss = module.training_loss(logits, y)
         optimizer.zero_grad()
         loss.backward()
         return loss, logits

@@ -1,0 +1,117 @@
+"""The hyperparameter search: trials chosen on validation, pruned, interrupted and resumed from the database."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from conftest import quick_overrides
+from fashion_lightning import UserError
+from fashion_lightning.train import CONFIG_DIR
+
+tune = pytest.importorskip("fashion_lightning.tune", reason="needs the tune extra: pip install -e '.[tune]'")
+optuna = pytest.importorskip("optuna")
+
+
+def compose_tune(*overrides: str) -> DictConfig:
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose("tune", overrides=list(overrides))
+
+
+class Interrupt(L.Callback):
+    """Ctrl-C in the middle of a fit, as SaveOnInterrupt turns a SIGINT into."""
+
+    takes_batch_lists = True
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        if trainer.global_step >= 3:
+            raise KeyboardInterrupt("stopped by SIGINT")
+
+
+def test_a_search_prunes_is_interrupted_and_resumes_from_its_database(data_dir: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    study_dir = tmp_path / "study"
+    overrides = [o for o in quick_overrides(data_dir, tmp_path / "unused") if "limit_train" not in o]
+    cfg = compose_tune(*overrides, "model=dense", "trainer.max_epochs=2", "+trainer.limit_train_batches=12",
+                       f"tune.study_dir={study_dir}", "tune.n_trials=3", "tune.seeds=[5]",
+                       "tune.pruner.startup_trials=1", "tune.pruner.warmup_epochs=0",
+                       "~tune.space.model", "~tune.space.data",
+                       "+tune.space.model.lr={low:1.0e-6,high:1.0e-2,log:true}",
+                       "tune.enqueue=[{model.lr:0.003},{model.lr:1.0e-6},{model.lr:0.003}]")
+    real_train = tune.train
+
+    def interrupted_third(run_cfg: DictConfig, callbacks: list) -> dict:
+        extra = [Interrupt()] if run_cfg.paths.output_dir.endswith("trial_0002") else []
+        return real_train(run_cfg, callbacks=[*callbacks, *extra])
+
+    monkeypatch.setattr(tune, "train", interrupted_third)
+    with pytest.raises(KeyboardInterrupt):
+        tune.tune(cfg)
+    study = optuna.load_study(study_name="search", storage=f"sqlite:///{study_dir}/study.db")
+    states = [t.state.name for t in study.trials]
+    assert states == ["COMPLETE", "PRUNED", "FAIL"]  # the tiny rate's curve fell below the first trial's: pruned
+    assert study.trials[1].last_step == 0 and study.trials[2].user_attrs["interrupted"]
+    for trial in study.trials[:2]:  # trials select on validation and never test
+        results = json.loads((Path(trial.user_attrs["run_dir"]) / "results.json").read_text()) \
+            if trial.state.name == "COMPLETE" else None
+        assert results is None or ("test_acc" not in results and results["tested"] is None)
+
+    monkeypatch.setattr(tune, "train", real_train)
+    summary = tune.tune(cfg)  # the same command again: the interrupted trial runs again, and the study ends
+    study = optuna.load_study(study_name="search", storage=f"sqlite:///{study_dir}/study.db")
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "PRUNED", "FAIL", "COMPLETE"]
+    assert study.trials[3].params == study.trials[2].params and study.trials[3].user_attrs["retry_of"] == 2
+    assert summary["best_params"] == study.best_params and summary["val_acc"] == study.best_value > 0.5
+    (rerun,) = [json.loads((study_dir / "best" / "seed_5" / "results.json").read_text())]
+    assert rerun["seed"] == 5 and rerun["test_acc"] == summary["test_acc"][0] and rerun["recipe"] == "search-best"
+    rows = list(csv.DictReader(open(study_dir / "trials.csv")))
+    assert [r["state"] for r in rows] == ["COMPLETE", "PRUNED", "FAIL", "COMPLETE"] and "model.lr" in rows[0]
+    text = (study_dir / "summary.md").read_text()
+    assert f"trial {study.best_trial.number}" in text and "test accuracy" in text
+    for picture in ("history.png", "importances.png"):
+        assert (study_dir / picture).stat().st_size > 5_000 and f"]({picture})" in text
+    assert json.loads((study_dir / "best.json").read_text())["best_trial"] == study.best_trial.number
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("+tune.space.model.lr={low:0.1}", r"tune.space.model.lr must be \{low: ..., high: ...\[, log: true\]"),
+    ("+tune.space.model.nope={low:1,high:2}", "tune.space names model.nope, which the training config does not have"),
+    ("tune.storage=nope://x", r"tune.storage='nope://x' cannot be opened \(.*\); give an SQLAlchemy URL"),
+])
+def test_a_bad_search_space_is_one_clear_error(override: str, message: str, tmp_path: Path) -> None:
+    cfg = compose_tune(f"tune.study_dir={tmp_path}", "~tune.space.model", "~tune.space.data", override)
+    with pytest.raises(UserError, match=message):
+        tune.tune(cfg)
+
+
+def test_the_cli_answers_a_bad_storage_in_one_line(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "fashion_lightning.tune", "tune.storage=nope://x",
+                           f"tune.study_dir={tmp_path}"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1].startswith("error: tune.storage='nope://x' cannot be opened")
+    assert "Traceback" not in done.stderr
+
+
+def test_two_processes_search_one_study(data_dir: Path, tmp_path: Path) -> None:
+    study_dir = tmp_path / "study"
+    args = [sys.executable, "-m", "fashion_lightning.tune", *quick_overrides(data_dir, tmp_path / "unused"),
+            "model=dense", f"tune.study_dir={study_dir}", "tune.n_trials=4", "tune.pruner.enabled=false",
+            "~tune.space.data"]
+    study_dir.mkdir()
+    searches = [subprocess.Popen([*args, f"tune.seeds={seeds}"], cwd=tmp_path, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True) for seeds in ("[1]", "[]")]  # one re-runs
+    outputs = [search.communicate(timeout=600) for search in searches]
+    assert [search.returncode for search in searches] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    study = optuna.load_study(study_name="search", storage=f"sqlite:///{study_dir}/study.db")
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert len(complete) >= 4 and len({t.user_attrs["run_dir"] for t in complete}) == len(complete)
+    assert all((Path(t.user_attrs["run_dir"]) / "results.json").is_file() for t in complete)
+    assert (study_dir / "best" / "seed_1" / "results.json").is_file()
