@@ -113,14 +113,14 @@ def plot_accuracy_against(recipes: dict[tuple[str, str], Recipe], x: str, path: 
     fig.savefig(path)
 
 
-def plot_per_class(shown: list[Recipe], path: Path) -> None:
-    """Grouped bars: per-class test accuracy of each recipe in ``shown``."""
+def plot_per_class(shown: dict[str, list[float]], path: Path) -> None:
+    """Grouped bars: the per-class test accuracies of each recipe (by label) in ``shown``."""
     fig = Figure(figsize=(11, 5), dpi=100)
     ax = fig.subplots()
     width = 0.8 / len(shown)
-    for i, recipe in enumerate(shown):
-        ax.bar([c + (i - (len(shown) - 1) / 2) * width for c in range(len(CLASS_NAMES))], recipe.per_class(),
-               width, label=f"{recipe.architecture} {recipe.name}")
+    for i, (label, accuracies) in enumerate(shown.items()):
+        ax.bar([c + (i - (len(shown) - 1) / 2) * width for c in range(len(CLASS_NAMES))], accuracies, width,
+               label=label)
     ax.set_xticks(range(len(CLASS_NAMES)), CLASS_NAMES, rotation=30, ha="right")
     ax.set_ylabel("test accuracy of the class")
     ax.set_ylim(0.5, 1.0)
@@ -154,13 +154,12 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
     plot_accuracy_against(recipes, "params", out / "accuracy_vs_params.png")
     text += ["", "![accuracy against training time](accuracy_vs_time.png)", "",
              "![accuracy against parameters](accuracy_vs_params.png)", ""]
-    shown = [r for pair in chosen.values() for r in pair if r is not None and r.per_class() is not None]
+    per_class = {f"{r.architecture} {r.name}": r.per_class() for pair in chosen.values() for r in pair if r}
+    shown = {label: accuracies for label, accuracies in per_class.items() if accuracies is not None}
     if shown:
         plot_per_class(shown, out / "per_class.png")
-        classes = [r.per_class() for r in shown]
-        text += ["## Per class", "", "| class | " + " | ".join(f"{r.architecture} {r.name}" for r in shown) + " |",
-                 "|---|" + "---:|" * len(shown)]
-        text += [f"| {name} | " + " | ".join(f"{c[i]:.3f}" for c in classes) + " |"
+        text += ["## Per class", "", "| class | " + " | ".join(shown) + " |", "|---|" + "---:|" * len(shown)]
+        text += [f"| {name} | " + " | ".join(f"{c[i]:.3f}" for c in shown.values()) + " |"
                  for i, name in enumerate(CLASS_NAMES)]
         text += ["", "![per-class accuracy](per_class.png)", ""]
     (out / "compare.md").write_text("\n".join(text))

@@ -40,6 +40,8 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 INTERRUPTED = "interrupted"
 """User attribute of a trial stopped by Ctrl-C: the next run of the study runs its parameters again."""
 RETRY_OF = "retry_of"
+MONITOR = "val/acc"
+"""What a trial reports after each epoch (for pruning); the study maximizes its best value, ``val_acc_best``."""
 
 
 def flatten(space: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -118,7 +120,7 @@ def requeue_interrupted(study: optuna.Study) -> None:
 
 
 def objective(cfg: DictConfig, study_dir: Path) -> Any:
-    """The function Optuna maximizes: a training run's best validation accuracy (``tune.metric``)."""
+    """The function Optuna maximizes: a training run's best validation accuracy."""
 
     def run(trial: Trial) -> float:
         values = suggest(trial, cfg.tune.space)
@@ -126,14 +128,13 @@ def objective(cfg: DictConfig, study_dir: Path) -> Any:
         trial.set_user_attr("run_dir", str(run_dir))
         run_cfg = trial_config(cfg, values, run_dir, test=False, report=False, recipe=f"{cfg.tune.study}-trial")
         run_cfg.callbacks.pop("on_interrupt", None)  # a stopped or pruned trial is run again whole, not resumed
-        pruning = PyTorchLightningPruningCallback(trial, monitor=cfg.tune.metric)
+        pruning = PyTorchLightningPruningCallback(trial, monitor=MONITOR)
         try:
             results = train(run_cfg, callbacks=[pruning])
         except (KeyboardInterrupt, SystemExit) as err:  # Lightning ends a fit stopped by Ctrl-C with sys.exit(1)
             trial.set_user_attr(INTERRUPTED, True)
             raise KeyboardInterrupt from err  # Optuna records the trial as failed, and the search stops
-        key = cfg.tune.metric.replace("/", "_") + "_best"
-        return results.get(key, results[cfg.tune.metric.replace("/", "_")])
+        return results["val_acc_best"]
 
     return run
 
