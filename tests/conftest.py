@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from fashion_lightning import FashionMNISTDataModule
+from fashion_lightning.fast import kernels, private
 from fashion_lightning.files import ensure_raw_files
 from fashion_lightning.train import CONFIG_DIR
 
@@ -142,14 +143,12 @@ class SaveWeightsAtEnd(L.Callback):
                    self.dirpath / f"rank{trainer.global_rank}.pt")
 
 
-@pytest.fixture
-def by_hand(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The dense net's step by hand on this CPU too (it runs where the CPU has AVX-512; it is exact without)."""
-    from fashion_lightning.fast import kernels
-
-    if not kernels.ONEDNN:
-        pytest.skip("this torch has no oneDNN fused linear")
-    monkeypatch.setattr(kernels, "AVX512", True)
+@pytest.fixture(params=[False, pytest.param(True, marks=pytest.mark.skipif(
+    not private.ONEDNN_LINEAR, reason="this torch has no oneDNN fused linear"))], ids=["mkl", "onednn"])
+def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Both GEMM backends of the fast kernels (`kernels.linear`), whichever this CPU would pick."""
+    monkeypatch.setattr(kernels, "ONEDNN", request.param)
+    return request.param
 
 
 @pytest.fixture(scope="session")

@@ -8,18 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fashion_lightning import DenseNet, keras_init_
-from fashion_lightning.fast import kernels, private
 from fashion_lightning.fast.kernels import ConvPoolReLU, LinearReLU, dense_loss_and_grads, linear_relu
-
-BACKENDS = [False, pytest.param(True, marks=pytest.mark.skipif(not private.ONEDNN_LINEAR,
-                                                               reason="this torch has no oneDNN fused linear"))]
-
-
-@pytest.fixture(params=BACKENDS, ids=["mkl", "onednn"])
-def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
-    """Both GEMM backends of `kernels.linear`, whichever this CPU would pick."""
-    monkeypatch.setattr(kernels, "ONEDNN", request.param)
-    return request.param
 
 
 def tie_heavy_images(n: int) -> torch.Tensor:

@@ -19,7 +19,7 @@ from torch import nn
 from conftest import fit_model
 from fashion_lightning import CNN, DenseBaseline, FashionMNISTDataModule, UserError
 from fashion_lightning.callbacks import BatchProgressBar
-from fashion_lightning.fast import networks
+from fashion_lightning.fast import networks, private
 
 
 class Mode(L.Callback):
@@ -58,7 +58,7 @@ def test_fast_trains_exactly_as_the_textbook_path(cls: type, per_step: int, data
     check_fast_against_textbook(cls, per_step, data_dir, tmp_path)
 
 
-def test_the_dense_step_by_hand_trains_exactly_as_the_textbook_path(by_hand: None, data_dir: Path,
+def test_the_dense_step_by_hand_trains_exactly_as_the_textbook_path(backend: bool, data_dir: Path,
                                                                     tmp_path: Path) -> None:
     check_fast_against_textbook(DenseBaseline, 7, data_dir, tmp_path)
 
@@ -415,7 +415,7 @@ def test_a_checkpoint_resumes_only_with_the_option_that_wrote_it(data_dir: Path,
     assert resumed.global_step == 42
 
 
-def test_the_kernels_run_in_the_fast_loop(by_hand: None, data_dir: Path, tmp_path: Path,
+def test_the_kernels_run_in_the_fast_loop(data_dir: Path, tmp_path: Path,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     taken = []
 
@@ -425,9 +425,11 @@ def test_the_kernels_run_in_the_fast_loop(by_hand: None, data_dir: Path, tmp_pat
             return taken[-1][1]
         return call
 
-    for name in ("logits", "loss_and_grads"):
+    for name in ("logits", "dense_loss_and_grads"):
         monkeypatch.setattr(networks, name, spy(name, getattr(networks, name)))
+    monkeypatch.setattr(private, "fused_adam_step", spy("adam", private.fused_adam_step))
     train(CNN, True, data_dir, tmp_path, max_epochs=1)
     train(DenseBaseline, True, data_dir, tmp_path, max_epochs=1)
     assert sum(n == "logits" for n, _ in taken) >= 21  # the CNN's training batches through its kernels
-    assert sum(n == "loss_and_grads" and r is not None for n, r in taken) == 21  # the dense steps by hand
+    assert sum(n == "dense_loss_and_grads" for n, _ in taken) == 21  # the dense steps by hand
+    assert [r for n, r in taken if n == "adam"] == 2 * ([False] + 20 * [True])  # Adam's kernel called directly

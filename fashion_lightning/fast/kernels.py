@@ -13,10 +13,11 @@ from torch import Tensor, nn
 
 from fashion_lightning.fast import private
 
-ONEDNN = private.ONEDNN_LINEAR
-"""Whether `linear` runs on oneDNN (with the ReLU on its GEMM) rather than MKL, which torch sends float32 CPU matmuls
-to and which takes AVX2 code on AMD CPUs; oneDNN uses AVX-512 where the CPU has it."""
 AVX512 = "AVX512" in torch.backends.cpu.get_cpu_capability()
+ONEDNN = private.ONEDNN_LINEAR and AVX512
+"""Whether `linear` runs on oneDNN (with the ReLU on its GEMM) rather than MKL, which torch sends float32 CPU matmuls
+to: on AVX-512 CPUs, where oneDNN's GEMMs use AVX-512 and MKL's (on AMD) do not. On AVX2 MKL's are the faster
+for these shapes (``benchmarks/kernels.py``)."""
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None, relu: bool) -> Tensor:
@@ -146,10 +147,12 @@ def dense_loss_and_grads(layers: tuple[nn.Linear, nn.Linear, nn.Linear], x: Tens
         log_p = torch.log_softmax(logits, 1)
         loss = F.nll_loss(log_p, y)
         grad = log_p.exp_()  # d loss / d logits = (softmax - one-hot) / n
-        grad[torch.arange(n, device=y.device), y] -= 1.0
+        grad.scatter_add_(1, y.view(n, 1), grad.new_full((n, 1), -1.0))
         grad /= n
         out.weight.grad, out.bias.grad = torch.mm(grad.t(), flat), grad.sum(0)
         g_h1, row2.weight.grad, row2.bias.grad = linear_relu_grads(
             torch.mm(grad, out.weight).view_as(h2), h1, row2.weight, h2)
-        _, row1.weight.grad, row1.bias.grad = linear_relu_grads(g_h1, rows, row1.weight, h1, (False, True, True))
+        g_rows = torch.ops.aten.threshold_backward(g_h1, h1, 0)
+        row1.weight.grad = torch.mm(rows.t(), g_rows).t().contiguous()  # the faster GEMM for this K = 28N shape
+        row1.bias.grad = g_rows.sum(0)
     return loss, logits

@@ -207,11 +207,14 @@ class FastLoop:
         batches = batches[: len(batches) - cut]  # stop exactly at max_steps, inside a list if need be
         optimizer = module.optimizers(use_pl_optimizer=False)
         net = module.net if self._net_stands_for(module) else None  # None: module(x) must run as written
+        plain_loss = type(module).training_loss is self.base.training_loss and not module.hparams.get("label_smoothing")
+        by_hand = networks.dense_step(net) if net is not None and plain_loss else None
         logits, losses = [], []
         for i, (x, y) in enumerate(batches):
             step = trainer.global_step
-            loss, out = self._loss_and_grads(module, net, x, y, optimizer)
-            optimizer.step()
+            loss, out = self._loss_and_grads(module, net, by_hand, x, y, optimizer)
+            if not private.fused_adam_step(optimizer):  # the same kernel calls as optimizer.step(), where it can
+                optimizer.step()
             private.count_optimizer_step(trainer)
             self._step_schedulers(module, trainer, "step", first + i + 1)
             logits.append(out.detach())
@@ -239,13 +242,13 @@ class FastLoop:
                 logger.log_metrics({"train/loss_step": loss.item(), "epoch": trainer.current_epoch}, step=step)
                 logger.save()
 
-    def _loss_and_grads(self, module: LightningModule, net: nn.Module | None, x: Tensor, y: Tensor,
-                        optimizer: torch.optim.Optimizer) -> tuple[Tensor, Tensor]:
-        """What ``module.training_loss(module(x), y)``, ``zero_grad`` and ``backward`` compute: through ``net``'s
-        kernels (by hand where it can: the plain cross entropy), or ``module(x)`` itself where ``net`` is None."""
-        plain_loss = (type(module).training_loss is self.base.training_loss
-                      and not module.hparams.get("label_smoothing"))
-        if net is not None and plain_loss and (result := networks.loss_and_grads(net, x, y)) is not None:
+    @staticmethod
+    def _loss_and_grads(module: LightningModule, net: nn.Module | None, by_hand: networks.LossAndGrads | None,
+                        x: Tensor, y: Tensor, optimizer: torch.optim.Optimizer) -> tuple[Tensor, Tensor]:
+        """What ``module.training_loss(module(x), y)``, ``zero_grad`` and ``backward`` compute: by hand where it can
+        (``by_hand``: the plain cross entropy, `networks.dense_step`), through ``net``'s kernels, or ``module(x)``
+        itself where ``net`` is None."""
+        if by_hand is not None and (result := by_hand(x, y)) is not None:
             return result
         logits = module(x) if net is None else networks.logits(net, x)
         loss = module.training_loss(logits, y)

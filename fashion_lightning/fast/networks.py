@@ -9,11 +9,13 @@ Anywhere else they call the network itself.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fashion_lightning.fast import kernels, private
+from fashion_lightning.fast import private
 from fashion_lightning.fast.kernels import ConvPoolReLU, dense_loss_and_grads, linear_relu
 from fashion_lightning.models import ConvNet, DenseNet
 
@@ -42,34 +44,55 @@ def _plain_dense_net(net: DenseNet) -> bool:
             and _plain_flatten(net.flatten))
 
 
-def _kernels_apply(net: nn.Module, x: Tensor) -> bool:
-    """The conditions every kernel needs (see the module docstring), less the network's structure."""
+def _net_ok(net: nn.Module) -> bool:
+    """The conditions every kernel needs (see the module docstring) on the network and torch's state, less the
+    network's structure."""
     return (not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling())
-            and x.device.type == "cpu" and x.dtype == torch.float32 and x.layout == torch.strided
-            and tuple(x.shape[1:]) == (1, 28, 28) and not torch.is_autocast_enabled("cpu")
+            and not torch.is_autocast_enabled("cpu")
             and all(p.device.type == "cpu" and p.dtype == torch.float32 and p.layout == torch.strided
                     for p in net.parameters())
             and not private.hooked(net) and not private.rerouted(net))
 
 
+def _input_ok(x: Tensor) -> bool:
+    """The conditions every kernel needs on the input images."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.layout == torch.strided
+            and tuple(x.shape[1:]) == (1, 28, 28))
+
+
 def logits(net: nn.Module, x: Tensor) -> Tensor:
     """``net(x)``: through `ConvPoolReLU` and `LinearReLU` where they compute exactly that."""
-    if type(net) is ConvNet and _plain_conv_net(net) and _kernels_apply(net, x):
+    if type(net) is ConvNet and _plain_conv_net(net) and _input_ok(x) and _net_ok(net):
         h = ConvPoolReLU.apply(x, net.conv.weight, net.conv.bias)  # = flatten(pool(relu(conv(x))))
         return F.linear(linear_relu(net.fc, h), net.out.weight, net.out.bias)
     return net(x)
 
 
-def loss_and_grads(net: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor] | None:
-    """`DenseNet`'s cross entropy and logits with every parameter's gradient set, written out without autograd
-    (`dense_loss_and_grads`); ``None`` wherever autograd must run instead: any other network, anything the kernels
-    need missing, grad mode off, anomaly detection on, an input that needs a gradient, a frozen or hooked parameter,
-    and CPUs without AVX-512 (there the step by hand is no faster than autograd: ``benchmarks/kernels.py``).
+LossAndGrads = Callable[[Tensor, Tensor], "tuple[Tensor, Tensor] | None"]
+
+
+def dense_step(net: nn.Module) -> LossAndGrads | None:
+    """`DenseNet`'s cross entropy with every parameter's gradient set, written out without autograd
+    (`dense_loss_and_grads`), as a function of a batch ``(x, y)`` returning the loss and logits; ``None`` wherever
+    autograd must run instead: any other network, anything the kernels need missing, grad mode off, anomaly detection
+    on, a frozen or hooked parameter. The function checks each batch's images too, and returns ``None`` for those it
+    does not take (another shape, dtype or device, or images that need a gradient). It holds while nothing of the
+    above changes: the fast loop asks once per training step.
     """
-    applies = (kernels.AVX512 and kernels.ONEDNN and type(net) is DenseNet and _plain_dense_net(net)
-               and _kernels_apply(net, x) and torch.is_grad_enabled() and not torch.is_anomaly_enabled()
-               and not x.requires_grad
+    applies = (type(net) is DenseNet and _plain_dense_net(net) and _net_ok(net) and torch.is_grad_enabled()
+               and not torch.is_anomaly_enabled()
                and all(p.requires_grad and not private.tensor_hooked(p) for p in net.parameters()))
     if not applies:
         return None
-    return dense_loss_and_grads((net.row1, net.row2, net.out), x, y)
+    layers = (net.row1, net.row2, net.out)
+
+    def step(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor] | None:
+        return dense_loss_and_grads(layers, x, y) if _input_ok(x) and not x.requires_grad else None
+
+    return step
+
+
+def loss_and_grads(net: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor] | None:
+    """`dense_step` for one batch: its loss and logits with the gradients set, or ``None`` where autograd must run."""
+    step = dense_step(net)
+    return step(x, y) if step is not None else None

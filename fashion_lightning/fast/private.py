@@ -11,6 +11,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as torch_module
+from torch.optim import optimizer as torch_optimizer
 
 # --- torch: oneDNN's fused linear (+ ReLU), the op inductor's CPU lowering calls --------------------------------
 
@@ -34,6 +35,88 @@ ONEDNN_LINEAR = _onednn_linear_works()
 def onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None, relu: bool) -> Tensor:
     """``x @ weight.T (+ bias)``, ReLU'd if ``relu``, as one oneDNN call (2-D float32 CPU tensors)."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "relu" if relu else "none", [], "")
+
+
+# --- torch: Adam's fused kernel, called as Adam.step calls it ---------------------------------------------------
+
+ADAMS = (torch.optim.Adam, torch.optim.AdamW)
+
+
+def _step_is_the_class_step(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer.step`` is its class's, or that wrapped only by an LR scheduler's call tracking."""
+    step = vars(optimizer).get("step")
+    return step is None or (getattr(step, "_wrapped_by_lr_sched", False)
+                            and getattr(step, "__wrapped__", None) is type(optimizer).step)
+
+
+def fused_adam_step(optimizer: torch.optim.Optimizer) -> bool:
+    """`direct_adam_step` where this torch passed the check below (`FUSED_ADAM`)."""
+    return FUSED_ADAM and direct_adam_step(optimizer)
+
+
+def direct_adam_step(optimizer: torch.optim.Optimizer) -> bool:
+    """``optimizer.step()`` for a ``torch.optim.Adam`` or ``AdamW`` with ``fused=True`` on CPU float32 parameters, as
+    the two kernel calls it makes (the step counts' ``_foreach_add_``, then ``torch._fused_adam_`` or
+    ``_fused_adamw_`` with the group's settings), without its per-call bookkeeping. Returns False, having done nothing,
+    wherever ``step()`` would do more or other: another class, a group not fused, differentiable, capturable or with
+    tensor betas, AMP's gradient scale, a step hook (global or the optimizer's), ``step`` replaced on the instance
+    (other than by an LR scheduler's tracking), a gradient without optimizer state yet, sparse, or not CPU float32.
+    """
+    if type(optimizer) not in ADAMS or torch.compiler.is_compiling():
+        return False
+    if (optimizer._optimizer_step_pre_hooks or optimizer._optimizer_step_post_hooks
+            or torch_optimizer._global_optimizer_pre_hooks or torch_optimizer._global_optimizer_post_hooks
+            or getattr(optimizer, "grad_scale", None) is not None or getattr(optimizer, "found_inf", None) is not None
+            or not _step_is_the_class_step(optimizer)):
+        return False
+    groups = []
+    for group in optimizer.param_groups:
+        if (not group["fused"] or group["differentiable"] or group["capturable"]
+                or any(isinstance(b, Tensor) for b in group["betas"])):
+            return False
+        params = [p for p in group["params"] if p.grad is not None]
+        if not all(p.device.type == "cpu" and p.dtype == torch.float32 and not p.grad.is_sparse
+                   and "step" in optimizer.state.get(p, ()) for p in params):
+            return False
+        groups.append((group, params))
+    with torch.no_grad():
+        for group, params in groups:
+            if not params:
+                continue
+            state = [optimizer.state[p] for p in params]
+            steps = [s["step"] for s in state]
+            torch._foreach_add_(steps, 1)
+            kernel = torch._fused_adamw_ if group["decoupled_weight_decay"] else torch._fused_adam_
+            kernel(params, [p.grad for p in params], [s["exp_avg"] for s in state], [s["exp_avg_sq"] for s in state],
+                   [s["max_exp_avg_sq"] for s in state] if group["amsgrad"] else [], steps,
+                   amsgrad=group["amsgrad"], lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1],
+                   weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
+                   grad_scale=None, found_inf=None)
+    optimizer._opt_called = True  # what an LR scheduler's tracking records  # type: ignore[attr-defined]
+    return True
+
+
+def _fused_adam_works() -> bool:
+    """Whether `direct_adam_step`'s calls exist here and step as ``Adam(fused=True).step()`` does."""
+    try:
+        if not all(hasattr(torch, k) for k in ("_fused_adam_", "_fused_adamw_")) or not all(
+                hasattr(torch_optimizer, k) for k in ("_global_optimizer_pre_hooks", "_global_optimizer_post_hooks")):
+            return False
+        runs = []
+        for direct in (False, True):
+            p = nn.Parameter(torch.linspace(-1, 1, 8))
+            optimizer = torch.optim.Adam([p], lr=0.1, fused=True)
+            for i in range(3):
+                p.grad = torch.linspace(1, -1, 8) * (i + 1)
+                if not (direct and i and direct_adam_step(optimizer)):
+                    optimizer.step()
+            runs.append((p.detach(), optimizer.state[p]["step"], optimizer.state[p]["exp_avg_sq"]))
+        return all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+    except (AttributeError, KeyError, RuntimeError, TypeError):
+        return False
+
+
+FUSED_ADAM = _fused_adam_works()
 
 
 # --- torch: hooks, which a fused kernel would skip --------------------------------------------------------------
