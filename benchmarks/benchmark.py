@@ -58,7 +58,7 @@ def plain(recipe: str, speed: str, seed: int, args: argparse.Namespace) -> dict:
     from hydra.utils import instantiate
 
     from fashion_lightning.data import BatchLoader
-    from fashion_lightning.fast import networks, tune_process
+    from fashion_lightning.fast import networks, private, tune_process
     from fashion_lightning.train import CONFIG_DIR
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
@@ -91,7 +91,8 @@ def plain(recipe: str, speed: str, seed: int, args: argparse.Namespace) -> dict:
                 loss.backward()
             else:
                 loss, logits = result
-            optimizer.step()
+            if not (fast and private.fused_adam_step(optimizer)):
+                optimizer.step()
             if scheduler is not None:
                 scheduler.step()
             correct += (logits.detach().argmax(1) == y).sum()

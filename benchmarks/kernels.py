@@ -5,7 +5,8 @@
 Prints the median milliseconds per training step (forward, loss, backward, fused Adam) and per 1,000-image
 inference batch, the variants alternating so that machine noise hits them alike:
 - ``fast``: what the fast loop runs, `networks.loss_and_grads` (the dense net by hand, without autograd) or
-  `networks.logits` (the CNN through ``ConvPoolReLU`` and ``LinearReLU``) with autograd;
+  `networks.logits` (the CNN through ``ConvPoolReLU`` and ``LinearReLU``) with autograd, and Adam's fused kernel
+  called directly (`private.fused_adam_step`);
 - for the CNN, ``ConvPoolReLU only``: the dense layers through ``nn.Linear`` + ReLU;
 - ``standard modules``: the network's own forward (``nn.Conv2d``, ``nn.MaxPool2d``, ``nn.Linear``, ReLU), autograd.
 Synthetic batches (raw 0-255 pixels for the dense net, as ``seed_dense`` trains): the cost does not depend on pixel
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fashion_lightning import ConvNet, DenseNet, keras_init_
-from fashion_lightning.fast import kernels, networks, tune_process
+from fashion_lightning.fast import kernels, networks, private, tune_process
 
 Forward = Callable[[Tensor], Tensor]
 
@@ -41,15 +42,17 @@ def dense_variants(net: DenseNet) -> dict[str, Forward]:
     return {"fast": lambda x: networks.logits(net, x), "standard modules": net}
 
 
-def time_steps(net: nn.Module, forward: Forward, batches: list[tuple[Tensor, Tensor]], by_hand: bool) -> float:
+def time_steps(net: nn.Module, forward: Forward, batches: list[tuple[Tensor, Tensor]], fast: bool) -> float:
+    """Milliseconds per step; ``fast``: the fast loop's step (the dense net by hand, Adam's kernel called directly)."""
     optimizer = torch.optim.Adam(net.parameters(), fused=True)
     start = time.perf_counter()
     for x, y in batches:
-        if not by_hand or networks.loss_and_grads(net, x, y) is None:
+        if not fast or networks.loss_and_grads(net, x, y) is None:
             loss = F.cross_entropy(forward(x), y)
             optimizer.zero_grad()
             loss.backward()
-        optimizer.step()
+        if not (fast and private.fused_adam_step(optimizer)):
+            optimizer.step()
     return (time.perf_counter() - start) / len(batches) * 1e3
 
 
@@ -82,10 +85,9 @@ def main() -> None:
         for name in names:
             net = keras_init_(cls())
             forward = variants(net)[name]
-            train[name].append(time_steps(net, forward, batches, by_hand=name == "fast"))
+            train[name].append(time_steps(net, forward, batches, fast=name == "fast"))
             infer[name].append(time_inference(forward, images))
-    print(f"oneDNN linear layers: {kernels.ONEDNN}; AVX-512: {kernels.AVX512}, so the dense step by hand: "
-          f"{kernels.ONEDNN and kernels.AVX512}")
+    print(f"AVX-512: {kernels.AVX512}, so the fast kernels' GEMMs run on {'oneDNN' if kernels.ONEDNN else 'MKL'}")
     for what, times, unit in (("training", train, f"ms/step (batch {args.batch_size})"),
                               ("inference", infer, "ms per 1,000 images")):
         medians = {name: statistics.median(t[1:]) for name, t in times.items()}

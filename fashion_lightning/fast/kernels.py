@@ -106,16 +106,16 @@ class ConvPoolReLU(torch.autograd.Function):
         out = torch.mm(cols.t(), weight_bias.t()).view(4, n * 196, c)
         pooled = torch.maximum(torch.maximum(out[0], out[1]), torch.maximum(out[2], out[3]))
         ctx.save_for_backward(cols, out, pooled, weight)
-        relu = torch.empty(n, c, 196, dtype=pooled.dtype, device=pooled.device)
-        return torch.clamp(pooled.view(n, 196, c).transpose(1, 2), min=0, out=relu).view(n, c * 196)
+        relu = torch.empty(n, c, 196, dtype=pooled.dtype, device=pooled.device)  # copy_ transposes in blocks
+        return relu.copy_(pooled.view(n, 196, c).transpose(1, 2)).clamp_(min=0).view(n, c * 196)
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
         cols, out, pooled, weight = ctx.saved_tensors
         c, k, n = weight.shape[0], weight.shape[-1], out.shape[1] // 196
         mask = torch.gt(pooled, 0, out=torch.empty_like(pooled))  # float 0/1: much faster here than bool masks
-        g = torch.mul(grad.view(n, c, 196).transpose(1, 2), mask.view(n, 196, c),
-                      out=torch.empty(n, 196, c, dtype=grad.dtype, device=grad.device)).view(n * 196, c)
+        g = torch.empty(n, 196, c, dtype=grad.dtype, device=grad.device).copy_(grad.view(n, c, 196).transpose(1, 2))
+        g = g.mul_(mask.view(n, 196, c)).view(n * 196, c)
         routed = torch.empty_like(out)
         for w in range(4):  # the first window position holding the maximum takes the gradient
             torch.mul(g, torch.eq(out[w], pooled, out=mask), out=routed[w])
