@@ -17,7 +17,8 @@ For each recipe and seed, the processes run in turn (so that the machine's drift
 
 s/epoch: the median over epochs of the training steps' wall time (validation excluded); whole s: the process from
 start to exit; CPU s: user + system; peak MiB: the process's largest resident set. Lightning / plain divides the
-app's s/epoch by the plain loop's, option by option; whole / Keras divides each path's whole-run time by Keras's.
+app's s/epoch by the plain loop's, option by option; whole / Keras divides each seed's whole-run time by that of
+Keras's run of the same seed, run next to it, and gives the median over the seeds.
 The real data is needed: ``apt-get install dataset-fashion-mnist`` or ``--data-dir``.
 """
 
@@ -159,7 +160,8 @@ def table(runs: dict[tuple[str, str], list[dict]], title: str) -> str:
         plain_runs = runs.get((recipe, path.replace("app", "plain")), []) if path.startswith("app") else []
         ratio = med["s_epoch"] / statistics.median(r["s_epoch"] for r in plain_runs) if plain_runs else None
         keras_runs = runs.get((recipe, "keras"), [])
-        to_keras = med["whole_s"] / statistics.median(r["whole_s"] for r in keras_runs) if keras_runs else None
+        pairs = [r["whole_s"] / k["whole_s"] for r, k in zip(results, keras_runs, strict=False)]  # seed by seed
+        to_keras = statistics.median(pairs) if pairs else None
         lines.append(f"| {recipe} | {path} | {med['s_epoch']:.2f} | {med['whole_s']:.1f} | {med['cpu_s']:.1f} | "
                      f"{med['peak_mib']:,.0f} | {spread([r['test_acc'] for r in results])} | "
                      f"{spread([r['train_acc'] for r in results])} | {'' if ratio is None else f'{ratio:.3f}'} | "
