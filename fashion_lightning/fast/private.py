@@ -7,6 +7,8 @@ fast option falls back to public APIs (the standard modules, autograd) or steps 
 
 from __future__ import annotations
 
+import functools
+
 import lightning as L
 import torch
 from torch import Tensor, nn
@@ -50,8 +52,8 @@ def _step_is_the_class_step(optimizer: torch.optim.Optimizer) -> bool:
 
 
 def fused_adam_step(optimizer: torch.optim.Optimizer) -> bool:
-    """`direct_adam_step` where this torch passed the check below (`FUSED_ADAM`)."""
-    return FUSED_ADAM and direct_adam_step(optimizer)
+    """`direct_adam_step` where this torch passes the check below (`fused_adam_works`)."""
+    return fused_adam_works() and direct_adam_step(optimizer)
 
 
 def direct_adam_step(optimizer: torch.optim.Optimizer) -> bool:
@@ -96,27 +98,29 @@ def direct_adam_step(optimizer: torch.optim.Optimizer) -> bool:
     return True
 
 
-def _fused_adam_works() -> bool:
-    """Whether `direct_adam_step`'s calls exist here and step as ``Adam(fused=True).step()`` does."""
+@functools.cache
+def fused_adam_works() -> bool:
+    """Whether `direct_adam_step`'s calls exist here and step as ``Adam(fused=True).step()`` does; checked on first
+    use (only the fast loop steps Adam), not when the package is imported."""
     try:
         if not all(hasattr(torch, k) for k in ("_fused_adam_", "_fused_adamw_")) or not all(
                 hasattr(torch_optimizer, k) for k in ("_global_optimizer_pre_hooks", "_global_optimizer_post_hooks")):
             return False
-        runs = []
+        runs, taken = [], []
         for direct in (False, True):
             p = nn.Parameter(torch.linspace(-1, 1, 8))
             optimizer = torch.optim.Adam([p], lr=0.1, fused=True)
             for i in range(3):
                 p.grad = torch.linspace(1, -1, 8) * (i + 1)
-                if not (direct and i and direct_adam_step(optimizer)):
+                if direct and i:
+                    taken.append(direct_adam_step(optimizer))
+                if not (direct and i and taken[-1]):
                     optimizer.step()
             runs.append((p.detach(), optimizer.state[p]["step"], optimizer.state[p]["exp_avg_sq"]))
-        return all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+        return all(taken) and all(torch.equal(a, b) for a, b in zip(*runs, strict=True))  # the direct steps ran
     except (AttributeError, KeyError, RuntimeError, TypeError):
         return False
 
-
-FUSED_ADAM = _fused_adam_works()
 
 
 # --- torch: hooks, which a fused kernel would skip --------------------------------------------------------------
