@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 
 from fashion_lightning.data import CLASS_NAMES
 from fashion_lightning.errors import UserError, reported_as_one_line
+from fashion_lightning.startup import skip_collection_at_exit
 from fashion_lightning.train import CONFIG_DIR
 
 
@@ -175,4 +176,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    skip_collection_at_exit()
     main()

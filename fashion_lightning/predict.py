@@ -18,6 +18,7 @@ from fashion_lightning.checkpoint import load_trained
 from fashion_lightning.data import CLASS_NAMES
 from fashion_lightning.errors import UserError, reported_as_one_line
 from fashion_lightning.images import ImageError, open_image, probabilities, ranked
+from fashion_lightning.startup import skip_collection_at_exit
 from fashion_lightning.train import CONFIG_DIR
 
 
@@ -116,4 +117,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    skip_collection_at_exit()
     main()

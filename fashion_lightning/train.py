@@ -22,6 +22,7 @@ from fashion_lightning.callbacks import EpochTimer
 from fashion_lightning.checkpoint import check_compatible, read_checkpoint
 from fashion_lightning.errors import UserError, reported_as_one_line
 from fashion_lightning.module import ImageClassifier
+from fashion_lightning.startup import skip_collection_at_exit
 
 CONFIG_DIR = str(next(p for p in (Path(__file__).parent / "conf", Path(__file__).parents[1] / "conf") if p.is_dir()))
 """The shipped configs: inside the installed package, or ``conf/`` at the top of a source checkout."""
@@ -154,4 +155,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    skip_collection_at_exit()
     main()

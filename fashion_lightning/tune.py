@@ -25,6 +25,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from fashion_lightning.errors import UserError, reported_as_one_line
+from fashion_lightning.startup import skip_collection_at_exit
 from fashion_lightning.train import CONFIG_DIR, route_lightning_logs, train, write_json
 
 try:
@@ -264,4 +265,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    skip_collection_at_exit()
     main()

@@ -50,11 +50,20 @@ def test_fast_logits_are_the_networks_own_with_every_gradient(cls: type) -> None
     assert fused(net, x) == (cls is ConvNet)
 
 
-def test_the_kernel_runs_in_inference_too() -> None:
+@pytest.mark.parametrize("mode", [torch.inference_mode, torch.no_grad])
+def test_the_kernel_runs_without_autograd_too_in_chunks(mode: Callable, monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
     net = ConvNet()
-    x = torch.rand(4, 1, 28, 28)
-    with torch.inference_mode():
-        assert torch.allclose(networks.logits(net, x), net(x), atol=1e-5)
+    x = torch.rand(2 * networks.EVAL_CHUNK + 7, 1, 28, 28)
+    with mode():
+        whole = networks.ConvPoolReLU.apply(x, net.conv.weight, net.conv.bias)
+        calls = []
+        apply = networks.ConvPoolReLU.apply
+        monkeypatch.setattr(networks.ConvPoolReLU, "apply", lambda *a: calls.append(len(a[0])) or apply(*a))
+        out = networks.logits(net, x)
+        assert calls == [networks.EVAL_CHUNK, networks.EVAL_CHUNK, 7]
+        assert torch.allclose(networks._conv_pool_relu(net.conv, x), whole, rtol=0, atol=1e-6)
+        assert torch.allclose(out, net(x), atol=1e-5)
 
 
 HOOKS: dict[str, Callable[[nn.Module, list], object]] = {
