@@ -17,19 +17,21 @@ from contextlib import contextmanager
 @contextmanager
 def imports_kept_old() -> Iterator[None]:
     """Pause the collector for the imports inside; afterwards count every object then alive as old (the oldest
-    generation, walked only by the rare full collections) and restore the collector's previous state.
+    generation, walked only by the rare full collections), and leave the collector enabled or disabled as it was.
 
-    Nothing stays frozen: a full collection still frees whatever garbage these objects become.
+    Objects alive at the import, the importing process's own included, count as old; nothing stays frozen, and
+    where the process had frozen objects itself (``gc.freeze()`` before a fork, say) the objects are left as they
+    are, its freeze untouched.
     """
-    enabled = gc.isenabled()
+    enabled, frozen_before = gc.isenabled(), gc.get_freeze_count()
     gc.disable()
     try:
         yield
     finally:
-        gc.freeze()  # into the permanent generation, then back into the oldest: never walked as young objects
-        gc.unfreeze()
-        if enabled:
-            gc.enable()
+        if not frozen_before:  # unfreeze would release the process's own frozen objects too
+            gc.freeze()  # into the permanent generation, then back into the oldest: never walked as young objects
+            gc.unfreeze()
+        (gc.enable if enabled else gc.disable)()
 
 
 def skip_collection_at_exit() -> None:

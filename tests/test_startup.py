@@ -27,6 +27,26 @@ def test_imports_kept_old_pauses_the_collector_then_restores_it(enabled: bool) -
         (gc.enable if was else gc.disable)()
 
 
+def test_a_freeze_of_the_process_own_is_left_alone_and_a_disabled_collector_stays_disabled() -> None:
+    was = gc.isenabled()
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        with imports_kept_old():
+            gc.enable()  # an import that turns the collector on
+        assert gc.get_freeze_count() == frozen > 0
+    finally:
+        gc.unfreeze()
+        (gc.enable if was else gc.disable)()
+    gc.disable()
+    try:
+        with imports_kept_old():
+            gc.enable()
+        assert not gc.isenabled()
+    finally:
+        (gc.enable if was else gc.disable)()
+
+
 @pytest.mark.parametrize("disabled_before", [False, True])
 def test_importing_the_package_leaves_the_collector_as_it_was(disabled_before: bool) -> None:
     code = f"import gc\nif {disabled_before}: gc.disable()\nimport fashion_lightning\n" \
