@@ -66,6 +66,15 @@ def test_the_direct_adam_step_is_adams_own(name: str) -> None:
             assert torch.equal(value, direct[1]["state"][key][field]), field
 
 
+@pytest.mark.parametrize("stand_in", ["declines", "does nothing"])
+def test_the_adam_probe_fails_unless_the_direct_steps_run_and_match(stand_in: str,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(private, "direct_adam_step", lambda optimizer: stand_in == "does nothing")
+    assert not private.fused_adam_works.__wrapped__()  # the uncached probe
+    monkeypatch.undo()
+    assert private.fused_adam_works.__wrapped__()
+
+
 def test_the_direct_adam_step_takes_an_lr_schedulers_step_tracking() -> None:
     optimizer = torch.optim.Adam([nn.Parameter(torch.ones(2))], fused=True)
     torch.optim.lr_scheduler.StepLR(optimizer, 1)  # wraps optimizer.step to record that it was called

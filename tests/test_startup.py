@@ -1,11 +1,14 @@
 """Start-up and exit without the cyclic collector walking the imports: the collector's state kept, nothing left frozen,
-and an app's exit that skips the final collection."""
+and every app's exit skipping the final collection."""
 
 from __future__ import annotations
 
+import atexit
 import gc
+import runpy
 import subprocess
 import sys
+import warnings
 
 import pytest
 
@@ -73,3 +76,22 @@ if sys.argv[1] == "app":
 def test_an_apps_exit_skips_the_final_collection(process: str) -> None:
     done = subprocess.run([sys.executable, "-c", CYCLE_AT_EXIT, process], capture_output=True, text=True, check=True)
     assert done.stdout.split() == ([] if process == "app" else ["finalized"])  # the cycle collected only without it
+
+
+APPS = ("train", "evaluate", "predict", "export", "compare", "tune", "serve")
+EXTRAS = {"tune": "optuna", "serve": "litserve"}
+
+
+@pytest.mark.parametrize("app", APPS)
+def test_every_app_run_as_a_program_skips_the_final_collection(
+        app: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    if app in EXTRAS:
+        pytest.importorskip(EXTRAS[app])
+    registered = []
+    monkeypatch.setattr(atexit, "register", lambda func, *args, **kwargs: registered.append(func) or func)
+    monkeypatch.setattr(sys, "argv", [f"fashion_lightning/{app}.py", "--help"])  # Hydra prints its help, exits
+    with pytest.raises(SystemExit) as exited, warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # runpy: the module was imported before
+        runpy.run_module(f"fashion_lightning.{app}", run_name="__main__")
+    assert exited.value.code in (0, None) and "== Config ==" in capsys.readouterr().out
+    assert gc.freeze in registered  # skip_collection_at_exit(), before main()
