@@ -10,7 +10,7 @@ from types import FrameType
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback, EMAWeightAveraging, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, EMAWeightAveraging, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.trainer.states import TrainerFn
 
 from fashion_lightning.fast.batches import GroupedBatches
@@ -19,12 +19,12 @@ from fashion_lightning.fast.batches import GroupedBatches
 class SaveOnInterrupt(Callback):
     """Nothing lost on Ctrl-C, SIGTERM or a crash: ``<dirpath>/interrupted.ckpt`` holds where training stood.
 
-    The first SIGINT or SIGTERM during ``fit`` stops training at the end of the current step, so the
-    checkpoint sits exactly between two steps and a resumed run continues as if never stopped; a second
-    signal interrupts at once. Any other exception during training also saves the checkpoint; where it struck
-    inside a training step, the loader takes back the batches the step had not applied, which Lightning runs
-    again on resume. One raised before the first optimizer step (bad data, bad config) saves nothing, so no
-    checkpoint looks like a result.
+    The first SIGINT or SIGTERM during ``fit`` stops training at the end of the current step (under DDP, every
+    process after the same step), so the checkpoint sits exactly between two steps and a resumed run continues as
+    if never stopped; a second signal interrupts at once. Any other exception during ``fit`` also saves the
+    checkpoint; where it struck inside a training step, the loader takes back the batches the step had not applied,
+    which Lightning runs again on resume. One raised before the first optimizer step (bad data, bad config) saves
+    nothing, so no checkpoint looks like a result.
     """
 
     takes_batch_lists = True  # the fast loop's steps of several batches: it stops after the whole step
@@ -53,8 +53,12 @@ class SaveOnInterrupt(Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         self._step = None
-        if self.received is not None:
-            raise KeyboardInterrupt(f"stopped by {signal.Signals(self.received).name}")
+        stop = self.received is not None
+        if trainer.world_size > 1:  # every process stops after the same step, or the others would wait forever
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if stop:
+            by = signal.Signals(self.received).name if self.received is not None else "a signal to another process"
+            raise KeyboardInterrupt(f"stopped by {by}")
 
     def _restore_handlers(self) -> None:
         for sig, handler in self._previous.items():
@@ -66,14 +70,27 @@ class SaveOnInterrupt(Callback):
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._restore_handlers()
-        if trainer.global_step == 0:
-            return
+        if trainer.state.fn != TrainerFn.FITTING or trainer.global_step == 0:
+            return  # not training (a test after the fit, say: its weights need not be the loops'), or nothing trained
         loader = trainer.train_dataloader
         if self._step is not None and hasattr(loader, "give_back"):
             start, batches = self._step
             if (unapplied := batches - (trainer.global_step - start)) > 0:  # Lightning runs this step again
                 loader.give_back(unapplied)
         trainer.save_checkpoint(self.ckpt_path)
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint``, whose record of the best checkpoints survives a resume into another directory.
+
+    Every run of the app writes into a directory of its own, also a resumed one, and Lightning forgets the best score
+    where ``dirpath`` changed: the first validation after the resume would become "best", however it compares with
+    the epochs before. Here the resumed fit keeps comparing with them, and ``best_model_path`` stays the earlier
+    run's file until a better one is saved. Lightning never deletes a checkpoint outside ``dirpath``.
+    """
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict({**state_dict, "dirpath": self.dirpath})
 
 
 class EpochTimer(Callback):

@@ -41,6 +41,22 @@ def check_compatible(checkpoint: dict[str, Any], model: ImageClassifier, path: s
                         "pass the model config it was trained with")
 
 
+RESUMED_DATA = ("scale", "val_split", "seed", "batch_size")
+"""The data settings a resumed fit must share with its checkpoint: what the pixels are (raw or / 255), which images
+validate, the shuffling, and how many images the saved position within an epoch stands for."""
+
+
+def check_same_data(checkpoint: dict[str, Any], datamodule: Any, path: str | Path) -> None:
+    """Raise a `UserError` naming every setting of `RESUMED_DATA` in which ``datamodule`` differs from the data the
+    checkpoint was trained on (as far as the checkpoint records them)."""
+    saved, ours = checkpoint.get("datamodule_hyper_parameters") or {}, getattr(datamodule, "hparams", {})
+    differ = [f"data.{key}={ours[key]!r} (the checkpoint's {saved[key]!r})" for key in RESUMED_DATA
+              if key in saved and key in ours and saved[key] != ours[key]]
+    if differ:
+        raise UserError(f"ckpt_path={str(path)!r} was trained on other data settings: {', '.join(differ)}; "
+                        "resume with the checkpoint's (its experiment=...), or start a new run")
+
+
 def model_from_checkpoint(checkpoint: dict[str, Any]) -> ImageClassifier:
     """Rebuild the model of a checkpoint already read with `read_checkpoint` (on the CPU, in eval mode)."""
     module_name, _, class_name = checkpoint[CHECKPOINT_KEY].partition(":")

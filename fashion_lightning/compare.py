@@ -16,7 +16,7 @@ from typing import Any
 
 import hydra
 from matplotlib.figure import Figure
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig
 
 from fashion_lightning.data import CLASS_NAMES
 from fashion_lightning.errors import UserError, reported_as_one_line
@@ -62,6 +62,18 @@ class Recipe:
         return [statistics.mean(t[i]["recall"] for t in tables) for i in range(len(CLASS_NAMES))]
 
 
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``; one clear error for a file that is not one (truncated, or another program's)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise UserError(f"{path} is not readable JSON ({type(err).__name__}: {err}); move it out of compare.runs "
+                        "or delete it") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} holds JSON but not an object of results; move it out of compare.runs or delete it")
+    return data
+
+
 def read_runs(folders: list[str]) -> dict[tuple[str, str], Recipe]:
     """Every tested run under ``folders`` (a ``results.json`` with a test accuracy), by (architecture, recipe)."""
     recipes: dict[tuple[str, str], Recipe] = {}
@@ -69,12 +81,12 @@ def read_runs(folders: list[str]) -> dict[tuple[str, str], Recipe]:
         if not Path(folder).is_dir():
             raise UserError(f"compare.runs names {folder!r}, which is not a folder of runs")
         for path in sorted(Path(folder).rglob("results.json")):
-            results = json.loads(path.read_text())
+            results = read_json(path)
             if results.get("test_acc") is None or "model" not in results:
                 continue  # a search trial (never tested) or another file of that name
             report = path.parent / "report" / "report.json"
             if report.is_file():
-                results["per_class"] = json.loads(report.read_text())["per_class"]
+                results["per_class"] = read_json(report).get("per_class")
             arch = results["model"].rsplit(".", 1)[-1]
             key = (arch, results.get("recipe", "custom"))
             recipes.setdefault(key, Recipe(*key)).runs.append(results)
@@ -133,7 +145,7 @@ def plot_per_class(shown: dict[str, list[float]], path: Path) -> None:
 
 def compare(cfg: DictConfig) -> dict[str, Any]:
     """Write ``cfg.out_dir``/compare.md and its PNGs from the runs under ``cfg.runs``; return the table's rows."""
-    recipes = read_runs(list(cfg.runs))
+    recipes = read_runs([str(r) for r in cfg.runs] if isinstance(cfg.runs, ListConfig | list) else [str(cfg.runs)])
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     chosen = pairs(recipes, dict(cfg.tutorial))

@@ -26,12 +26,15 @@ def check_positive_int(name: str, value: object) -> int:
 
 
 DISK_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM}
+PATH_ERRORS = {errno.EEXIST: "a file where a folder is needed", errno.ENOTDIR: "a file where a folder is needed",
+               errno.EISDIR: "a folder where a file is needed"}
 
 
 @contextmanager
 def reported_as_one_line() -> Iterator[None]:
     """In a command-line app, print a `UserError` (raised directly or inside a Hydra instantiation) as one
-    ``error: ...`` line on stderr and exit with code 1; a full or read-only disk is reported the same way.
+    ``error: ...`` line on stderr and exit with code 1; a full or read-only disk, or a file where a folder should be
+    (or the reverse), is reported the same way.
     In a multirun the error is re-raised instead, so the sweep records it and goes on with the next job.
     Any other exception (a bug) keeps its traceback.
     """
@@ -39,6 +42,9 @@ def reported_as_one_line() -> Iterator[None]:
         try:
             yield
         except OSError as err:
+            if err.errno in PATH_ERRORS:
+                raise UserError(f"cannot use {err.filename or 'a path'}: {err.strerror} ({PATH_ERRORS[err.errno]}); "
+                                "choose another path") from err
             if err.errno not in DISK_ERRORS:
                 raise
             raise UserError(f"cannot use {err.filename or 'a file'}: {err.strerror} (a full or read-only disk, or no "

@@ -65,8 +65,8 @@ def write_torchscript(model: nn.Module, example: Tensor, path: Path) -> Any:
 def export(cfg: DictConfig) -> dict[str, Any]:
     """Export ``cfg.ckpt_path`` as ``cfg.format``, check it against PyTorch on 256 test images, return a summary.
 
-    The file is removed again if its probabilities differ from PyTorch's by more than 1e-5; a JSON file beside
-    it records the class names and the input scaling.
+    The file is written under its name only once its probabilities match PyTorch's within 1e-5 (an earlier export
+    there is otherwise left as it was); a JSON file beside it records the class names and the input scaling.
     """
     if cfg.format not in FORMATS:
         raise UserError(f"format must be one of {', '.join(FORMATS)}, got {cfg.format!r}")
@@ -77,18 +77,25 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     datamodule = instantiate(cfg.data)
     datamodule.setup("test")
     images = to_input(datamodule.test_set[0][:256], scale)
-    with torch.no_grad():
-        run = (write_onnx if cfg.format == "onnx" else write_torchscript)(model, images[:2], out)
-        expected = trained.predict_step(images)[0]  # what predict and serve answer
-        difference = (run(images) - expected).abs().max().item()
-    if not difference <= TOLERANCE:
-        out.unlink(missing_ok=True)
-        raise UserError(f"the exported {cfg.format} model differs from PyTorch by {difference:.2e} "
-                        f"(> {TOLERANCE}) on 256 test images; nothing was written")
-    info = {"file": str(out), "format": cfg.format, "input": "float32 (N, 1, 28, 28), "
-            + ("pixels / 255" if scale else "raw 0-255 pixels"), "output": "probabilities (N, 10)",
-            "classes": list(CLASS_NAMES), "max_abs_difference_vs_pytorch": difference}
-    out.with_suffix(out.suffix + ".json").write_text(json.dumps(info, indent=2) + "\n")
+    sidecar = out.with_suffix(out.suffix + ".json")
+    partial, partial_sidecar = (p.with_name(p.name + ".partial") for p in (out, sidecar))
+    try:  # written beside, checked, then renamed: never a half-written or unchecked model under the name
+        with torch.no_grad():
+            run = (write_onnx if cfg.format == "onnx" else write_torchscript)(model, images[:2], partial)
+            expected = trained.predict_step(images)[0]  # what predict and serve answer
+            difference = (run(images) - expected).abs().max().item()
+        if not difference <= TOLERANCE:
+            raise UserError(f"the exported {cfg.format} model differs from PyTorch by {difference:.2e} "
+                            f"(> {TOLERANCE}) on 256 test images; nothing was written")
+        info = {"file": str(out), "format": cfg.format, "input": "float32 (N, 1, 28, 28), "
+                + ("pixels / 255" if scale else "raw 0-255 pixels"), "output": "probabilities (N, 10)",
+                "classes": list(CLASS_NAMES), "max_abs_difference_vs_pytorch": difference}
+        partial_sidecar.write_text(json.dumps(info, indent=2) + "\n")
+        partial.replace(out)
+        partial_sidecar.replace(sidecar)
+    finally:
+        partial.unlink(missing_ok=True)
+        partial_sidecar.unlink(missing_ok=True)
     print(f"wrote {out} ({cfg.format}); probabilities match PyTorch within {difference:.1e} on 256 test images")
     return info
 

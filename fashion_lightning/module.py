@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
@@ -85,6 +86,9 @@ class ImageClassifier(L.LightningModule):
                                  ("label_smoothing", label_smoothing, 1.0)):
             if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < top:
                 raise UserError(f"model.{name} must be a number in [0, {top}), got {value!r}")
+        pair = list(betas) if isinstance(betas, Sequence) and not isinstance(betas, str) else []
+        if len(pair) != 2 or not all(type(b) in (int, float) and 0 <= b < 1 for b in pair):
+            raise UserError(f"model.betas must be two numbers in [0, 1), got {pair or betas!r}")
         if schedule not in SCHEDULES:
             raise UserError(f"model.schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
         check_positive_int("model.batches_per_step", batches_per_step)
@@ -214,7 +218,8 @@ class ImageClassifier(L.LightningModule):
         hp = self.hparams
         optimizer = torch.optim.Adam(self.parameters(), lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps,
                                      weight_decay=hp.weight_decay,
-                                     decoupled_weight_decay=hp.get("decoupled_weight_decay", False), fused=True)
+                                     decoupled_weight_decay=hp.get("decoupled_weight_decay", False),
+                                     fused=not self._gradients_scaled() or None)
         if hp.schedule == "constant":
             return optimizer
         total = self._total_steps()
@@ -223,6 +228,15 @@ class ImageClassifier(L.LightningModule):
         else:
             scheduler = cosine_with_warmup(optimizer, total, round(hp.get("warmup", 0.0) * total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _gradients_scaled(self) -> bool:
+        """Whether AMP's gradient scaler runs (16-mixed). Adam then takes torch's default implementation, not the fused
+        kernel (the same update, in one pass): a fused Adam unscales the gradients inside its step, so Lightning could
+        neither unscale them before ``on_before_optimizer_step`` nor clip them."""
+        try:
+            return getattr(self.trainer.precision_plugin, "scaler", None) is not None
+        except RuntimeError:  # not attached to a trainer
+            return False
 
     def _total_steps(self) -> int:
         """Optimizer steps in the whole fit (``trainer.estimated_stepping_batches``)."""

@@ -11,13 +11,13 @@ from typing import Any
 import hydra
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import Tensor
 
 from fashion_lightning.checkpoint import load_trained
 from fashion_lightning.data import CLASS_NAMES
-from fashion_lightning.errors import UserError, reported_as_one_line
-from fashion_lightning.images import ImageError, open_image, probabilities, ranked
+from fashion_lightning.errors import UserError, check_positive_int, reported_as_one_line
+from fashion_lightning.images import INVERT, ImageError, open_image, probabilities, ranked
 from fashion_lightning.startup import skip_collection_at_exit
 from fashion_lightning.train import CONFIG_DIR
 
@@ -75,8 +75,16 @@ def gather_items(inputs: list[str], invert: str, cfg: DictConfig) -> list[Item]:
 
 def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     """Predict every input of ``cfg.inputs``; print a table or JSON; return one dict per input."""
+    check_positive_int("top_k", cfg.top_k)
+    if cfg.invert not in INVERT:
+        raise UserError(f"invert must be one of {', '.join(INVERT)}, got {cfg.invert!r}")
+    if cfg.format not in ("table", "json"):
+        raise UserError(f"format must be table or json, got {cfg.format!r}")
+    inputs = [] if OmegaConf.is_missing(cfg, "inputs") else (
+        list(cfg.inputs) if isinstance(cfg.inputs, ListConfig | list) else [str(cfg.inputs)])
+    if not inputs:
+        raise UserError("inputs names no image: give image files or test-set items, e.g. inputs=[shirt.png,test:0-15]")
     _, model, scale = load_trained(cfg, "predict")
-    inputs = list(cfg.inputs) if isinstance(cfg.inputs, ListConfig | list) else [str(cfg.inputs)]
     items = gather_items([str(i) for i in inputs], cfg.invert, cfg)
     good = [item for item in items if item.error is None]
     probs = iter(probabilities(model, torch.stack([item.pixels for item in good]), scale) if good else ())
@@ -85,7 +93,7 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
         if item.error is not None:
             results.append({"input": item.name, "error": item.error})
             continue
-        row = {"input": item.name, **ranked(next(probs), int(cfg.top_k))}
+        row = {"input": item.name, **ranked(next(probs), cfg.top_k)}
         if item.label is not None:
             row["label"] = CLASS_NAMES[item.label]
         results.append(row)

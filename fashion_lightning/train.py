@@ -19,7 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from fashion_lightning.callbacks import EpochTimer
-from fashion_lightning.checkpoint import check_compatible, read_checkpoint
+from fashion_lightning.checkpoint import check_compatible, check_same_data, read_checkpoint
 from fashion_lightning.errors import UserError, reported_as_one_line
 from fashion_lightning.module import ImageClassifier
 from fashion_lightning.startup import skip_collection_at_exit
@@ -82,12 +82,19 @@ def train(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict[str, An
     if cfg.test_ckpt not in ("best", "last"):
         raise UserError(f"test_ckpt must be best or last, got {cfg.test_ckpt!r}")
     run_dir = Path(cfg.paths.output_dir)
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or not 0 <= cfg.seed < 2**32:
+        raise UserError(f"seed must be an integer in 0..{2**32 - 1}, got {cfg.seed!r}")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule: L.LightningDataModule = instantiate(cfg.data)
+    if cfg.test_ckpt == "best" and cfg.get("test", True) and getattr(datamodule, "num_val", None) == 0:
+        raise UserError("data.val_split=0 validates on the test set, so test_ckpt=best would choose the epoch by its "
+                        "test accuracy and report that same accuracy; set test_ckpt=last (as the seed experiments do)")
     model: ImageClassifier = instantiate(cfg.model)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.output_root)
     if ckpt_path:
-        check_compatible(read_checkpoint(ckpt_path), model, ckpt_path)
+        checkpoint = read_checkpoint(ckpt_path)
+        check_compatible(checkpoint, model, ckpt_path)
+        check_same_data(checkpoint, datamodule, ckpt_path)
     callbacks = [*(instantiate(c) for c in (cfg.get("callbacks") or {}).values()), *callbacks]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
@@ -96,6 +103,8 @@ def train(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict[str, An
     fit_metrics = {k.replace("/", "_"): float(v) for k, v in trainer.callback_metrics.items() if "/" in k}
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     test_ckpt = best if cfg.test_ckpt == "best" and best else None
+    if cfg.test_ckpt == "best" and not best:
+        log.warning("test_ckpt=best, but no best checkpoint was saved (nothing validated?): the final weights are tested")
     tested = cfg.get("test", True)
     if tested:
         (test_metrics,) = trainer.test(model, datamodule=datamodule, ckpt_path=test_ckpt, verbose=False)

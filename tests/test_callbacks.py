@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from conftest import N_TRAIN, compose_train, fit_model, quick_overrides
 from fashion_lightning import CNN, DenseBaseline, FashionMNISTDataModule, UserError
-from fashion_lightning.callbacks import EMA, BatchProgressBar
+from fashion_lightning.callbacks import EMA, BatchProgressBar, SaveOnInterrupt
 from fashion_lightning.train import train
 
 EPOCH = math.ceil((N_TRAIN - 5000) / 32)  # batches of 32 in an epoch after the default 5000 validation images
@@ -79,3 +79,18 @@ def test_the_fast_option_keeps_ema_exact_one_batch_a_step_and_refuses_more(data_
     with pytest.raises(UserError, match="callback EMA, which reads each training batch, while a training step here "
                                         "holds 64 batches; set batches_per_step=1"):
         fit_model(CNN(fast=True, batches_per_step=64), data_dir, tmp_path, callbacks=(EMA(),), max_steps=6)
+
+
+class CrashInTest(L.Callback):
+    def on_test_batch_start(self, *args: object) -> None:
+        raise RuntimeError("crash in the test")
+
+
+def test_an_exception_outside_fit_saves_no_interrupted_checkpoint(data_dir: Path, tmp_path: Path) -> None:
+    """A test after the fit may run other weights (best.ckpt's) than the loops' counters: no resumable checkpoint."""
+    save = SaveOnInterrupt(str(tmp_path / "checkpoints"))
+    trainer = fit_model(DenseBaseline(), data_dir, tmp_path, callbacks=(save, CrashInTest()), max_steps=2)
+    assert trainer.global_step == 2
+    with pytest.raises(RuntimeError, match="crash in the test"):
+        trainer.test(trainer.lightning_module, datamodule=trainer.datamodule, verbose=False)
+    assert not save.ckpt_path.exists()

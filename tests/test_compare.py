@@ -11,6 +11,7 @@ from hydra import compose, initialize_config_dir
 
 from fashion_lightning import CLASS_NAMES, UserError
 from fashion_lightning.compare import compare
+from fashion_lightning.errors import reported_as_one_line
 from fashion_lightning.train import CONFIG_DIR
 
 RECIPES = {  # (model, recipe): test accuracies of three seeds, and how the CNN beats the dense net on shirts
@@ -75,3 +76,30 @@ def test_no_runs_is_one_clear_error(tmp_path: Path) -> None:
         compare(compose_compare(f"runs=[{tmp_path}]", f"out_dir={tmp_path / 'page'}"))
     with pytest.raises(UserError, match="is not a folder of runs"):
         compare(compose_compare(f"runs=[{tmp_path / 'missing'}]", f"out_dir={tmp_path / 'page'}"))
+
+
+def test_runs_given_as_one_folder_reads_that_folder(tmp_path: Path) -> None:
+    write_runs(tmp_path / "runs")
+    result = compare(compose_compare(f"runs={tmp_path / 'runs'}", f"out_dir={tmp_path / 'page'}"))
+    assert len(result["rows"]) == 4
+    with pytest.raises(UserError, match=f"compare.runs names '{tmp_path / 'missing'}', which is not a folder"):
+        compare(compose_compare(f"runs={tmp_path / 'missing'}", f"out_dir={tmp_path / 'page'}"))
+
+
+@pytest.mark.parametrize(("text", "message"), [('{"model": "fashion_lightning.CNN", "test_a', "is not readable JSON"),
+                                               ("[0.91]", "holds JSON but not an object of results")])
+def test_a_results_file_that_is_not_results_is_one_clear_error(text: str, message: str, tmp_path: Path) -> None:
+    write_runs(tmp_path / "runs")
+    (tmp_path / "runs" / "seed_cnn" / "1" / "results.json").write_text(text)  # truncated, or another program's
+    with pytest.raises(UserError, match=message):
+        compare(compose_compare(f"runs=[{tmp_path / 'runs'}]", f"out_dir={tmp_path / 'page'}"))
+
+
+def test_an_output_folder_that_is_a_file_is_one_clear_error(tmp_path: Path, capsys) -> None:
+    write_runs(tmp_path / "runs")
+    (tmp_path / "page").write_text("a file where the page's folder should be")
+    with pytest.raises(SystemExit) as info, reported_as_one_line():
+        compare(compose_compare(f"runs=[{tmp_path / 'runs'}]", f"out_dir={tmp_path / 'page'}"))
+    err = capsys.readouterr().err
+    assert info.value.code == 1 and err.count("\n") == 1
+    assert err.startswith(f"error: cannot use {tmp_path / 'page'}: File exists (a file where a folder is needed)")

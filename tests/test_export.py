@@ -9,9 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 
 from fashion_lightning import FashionMNISTDataModule
+from fashion_lightning import export as export_app
 from fashion_lightning.checkpoint import load_model
+from fashion_lightning.train import CONFIG_DIR
 
 
 def export(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -77,3 +80,20 @@ def test_export_bad_input(args: list[str], message: str, trained_run: Path, tmp_
     done = export(*(ckpt if args != [] else []), *args, cwd=tmp_path)
     assert done.returncode == 1 and message in done.stderr and "Traceback" not in done.stderr
     assert not list(tmp_path.glob("**/*.onnx"))
+
+
+def test_a_model_that_fails_the_check_replaces_nothing(trained_run: Path, data_dir: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check fails (here: a tolerance nothing meets): an earlier export under the name stays whole, beside no
+    half-written or unchecked file."""
+    out = tmp_path / "model.pt"
+    out.write_bytes(b"an earlier export")
+    out.with_suffix(".pt.json").write_text("{}")
+    monkeypatch.setattr(export_app, "TOLERANCE", -1.0)
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("export", overrides=[f"ckpt_path={trained_run / 'checkpoints' / 'best.ckpt'}",
+                                           "format=torchscript", f"output={out}", f"paths.data_dir={data_dir}"])
+    with pytest.raises(export_app.UserError, match="differs from PyTorch by .* nothing was written"):
+        export_app.export(cfg)
+    assert out.read_bytes() == b"an earlier export" and out.with_suffix(".pt.json").read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt", "model.pt.json"]

@@ -10,7 +10,13 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, StochasticWeightAveraging
+from lightning.pytorch.callbacks import (
+    GradientAccumulationScheduler,
+    LearningRateMonitor,
+    ModelCheckpoint,
+    OnExceptionCheckpoint,
+    StochasticWeightAveraging,
+)
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.tuner import Tuner
@@ -277,6 +283,16 @@ class OwnBatchHook(DenseBaseline):
         pass
 
 
+class SkipsStart(DenseBaseline):
+    def on_train_start(self) -> None:  # as Lightning's docs write hooks: without super()
+        pass
+
+
+class SkipsStartOwnStep(OwnStep):
+    def on_train_start(self) -> None:
+        pass
+
+
 class Manual(DenseBaseline):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -322,6 +338,13 @@ REFUSED: dict[str, tuple[type, dict[str, Any], str]] = {
     "an own optimizer_step": (OwnOptimizerStep, {}, "OwnOptimizerStep.optimizer_step"),
     "a module hook": (OwnGradientHook, {}, "OwnGradientHook.on_before_optimizer_step"),
     "a module batch hook": (OwnBatchHook, {}, "OwnBatchHook.on_train_batch_start"),
+    "a module batch hook, one batch a step": (OwnBatchHook, {"per_step": 1}, "OwnBatchHook.on_train_batch_start, "
+                                              "which the fast loop calls once a step (where it returns -1"),
+    "an on_train_start without super()": (SkipsStart, {"gradient_clip_val": 1.0}, "Trainer(gradient_clip_val=1.0)"),
+    "an own training_step, on_train_start without super()": (SkipsStartOwnStep, {},
+                                                              "SkipsStartOwnStep.training_step"),
+    "an accumulation schedule": (DenseBaseline, {"callbacks": (GradientAccumulationScheduler({0: 2}),)},
+                                 "callback GradientAccumulationScheduler (accumulation)"),
     "manual optimization": (Manual, {}, "Manual sets automatic_optimization=False"),
     "a fraction of batches": (DenseBaseline, {"limit_train_batches": 0.5}, "Trainer(limit_train_batches=0.5)"),
     "a fraction to overfit": (DenseBaseline, {"overfit_batches": 0.01, "limit_train_batches": None},
@@ -363,6 +386,21 @@ def test_what_it_cannot_honour_is_refused_at_fit_start(case: str, data_dir: Path
     assert message.startswith("fast=True cannot honour ") and named in message, message
     assert "fast=False (speed=reference in the app)" in message and "\n" not in message
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))  # nothing trained
+
+
+@pytest.mark.parametrize("per_step", [1, 4])
+def test_a_checkpoint_on_exception_is_refused_only_with_lists_of_batches(per_step: int, data_dir: Path,
+                                                                         tmp_path: Path) -> None:
+    """Saved inside a step of several batches, Lightning's OnExceptionCheckpoint would resume past those not applied."""
+    callback = OnExceptionCheckpoint(tmp_path)
+    if per_step == 1:
+        trainer, _, _ = train(DenseBaseline, True, data_dir, tmp_path, per_step=1, max_steps=3, callbacks=(callback,),
+                                enable_checkpointing=True)
+        assert trainer.global_step == 3
+        return
+    with pytest.raises(UserError, match="callback OnExceptionCheckpoint: saved inside a step of 4 batches"):
+        train(DenseBaseline, True, data_dir, tmp_path, per_step=4, max_steps=3, callbacks=(callback,),
+              enable_checkpointing=True)
 
 
 def test_a_batch_reading_callback_is_fine_with_one_batch_per_step(data_dir: Path, tmp_path: Path) -> None:

@@ -82,6 +82,9 @@ def test_onecycle_runs_to_its_end_over_the_fit(data_dir: Path, tmp_path: Path) -
     ({"label_smoothing": -0.1}, r"model.label_smoothing must be a number in \[0, 1.0\), got -0.1"),
     ({"weight_decay": -1}, r"model.weight_decay must be a number in \[0, inf\), got -1"),
     ({"batches_per_step": 0}, "model.batches_per_step must be a positive integer, got 0"),
+    ({"betas": (0.9, 1.0)}, r"model.betas must be two numbers in \[0, 1\), got \[0.9, 1.0\]"),
+    ({"betas": [0.9]}, r"model.betas must be two numbers in \[0, 1\), got \[0.9\]"),
+    ({"betas": 0.9}, r"model.betas must be two numbers in \[0, 1\), got 0.9"),
 ])
 def test_bad_optimizer_settings(kwargs: dict, message: str) -> None:
     with pytest.raises(UserError, match=message):
@@ -286,6 +289,16 @@ def test_precision_plugins_train(precision: Any, dtype: torch.dtype, data_dir: P
     trainer = fit_model(model, data_dir, tmp_path, max_steps=6, **setting)
     assert trainer.global_step == 6 and all(p.dtype == dtype for p in model.parameters())
     assert all(not torch.equal(a.to(dtype), b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_gradient_clipping_clips_under_a_gradient_scaler(data_dir: Path, tmp_path: Path) -> None:
+    """16-mixed: Lightning unscales the gradients before the hooks and clipping (a fused Adam would do it itself)."""
+    spy = GradientsAtStep()
+    torch.manual_seed(0)
+    trainer = fit_model(DenseBaseline(), data_dir, tmp_path, callbacks=(spy,), max_steps=6, gradient_clip_val=0.05,
+                        plugins=[fp16_with_a_scaler()])
+    assert trainer.global_step == 6 and spy.grads  # the scaler skips the steps whose scaled gradients overflowed
+    assert all(torch.cat([g.flatten() for g in grads]).norm() <= 0.05 * (1 + 1e-3) for grads in spy.grads)
 
 
 class LearningRates(L.Callback):

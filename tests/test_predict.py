@@ -9,11 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from conftest import save_variants, synthetic_split
 from fashion_lightning import UserError
-from fashion_lightning.predict import parse_test_items
+from fashion_lightning.errors import reported_as_one_line
+from fashion_lightning.predict import parse_test_items, predict
+from fashion_lightning.train import CONFIG_DIR
 
 
 def run_predict(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -72,3 +75,23 @@ def test_bad_checkpoint_is_one_clear_error(ckpt: str, message: str, tmp_path: Pa
     (tmp_path / "junk.ckpt").write_text("junk")
     done = run_predict(f"ckpt_path={ckpt}", "inputs=[x.png]", cwd=tmp_path)
     assert done.returncode == 1 and message in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["top_k=0"], "top_k must be a positive integer, got 0"),
+    (["top_k=abc"], "top_k must be a positive integer, got 'abc'"),
+    (["top_k=2.5"], "top_k must be a positive integer, got 2.5"),
+    (["invert=bogus"], "invert must be one of auto, always, never, got 'bogus'"),
+    (["format=csv"], "format must be table or json, got 'csv'"),
+    (["inputs=[]"], "inputs names no image"),
+    ([], "inputs names no image"),  # inputs left unset
+])
+def test_bad_settings_are_one_clear_error(args: list[str], message: str, trained_run: Path, capsys) -> None:
+    """The app's error handler around predict, in-process; before any input is read or predicted."""
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("predict", overrides=[f"ckpt_path={trained_run / 'checkpoints' / 'best.ckpt'}", *args,
+                                            *(["inputs=[test:0]"] if args and "inputs" not in args[0] else [])])
+    with pytest.raises(SystemExit) as info, reported_as_one_line():
+        predict(cfg)
+    err = capsys.readouterr().err
+    assert info.value.code == 1 and err.startswith("error: ") and message in err and err.count("\n") == 1

@@ -100,6 +100,39 @@ def test_ckpt_path_last_resumes_the_newest_run(reference: tuple[dict, Path], dat
     assert resumed["test_acc"] == results["test_acc"] and resumed["steps"] == results["steps"]
 
 
+@pytest.mark.parametrize(("override", "named"), [("data.scale=false", "data.scale=False (the checkpoint's True)"),
+                                                  ("data.val_split=100", "data.val_split=100 (the checkpoint's 5000)"),
+                                                  ("seed=4", "data.seed=4 (the checkpoint's 3)")])
+def test_a_resume_on_other_data_settings_is_one_clear_error(override: str, named: str, reference: tuple[dict, Path],
+                                                            data_dir: Path, tmp_path: Path, capsys) -> None:
+    """Raw pixels where the weights learnt / 255, or another validation split: a resume that would look fine."""
+    _, run = reference
+    cfg = compose_train(*run_overrides(data_dir, tmp_path / "resumed", override),
+                        f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}")
+    with pytest.raises(SystemExit) as info, reported_as_one_line():
+        train(cfg)
+    err = capsys.readouterr().err
+    assert info.value.code == 1 and "was trained on other data settings: " + named in err and err.count("\n") == 1
+    assert not (tmp_path / "resumed" / "results.json").exists()
+
+
+def test_a_resume_into_a_new_run_directory_keeps_the_best_so_far(reference: tuple[dict, Path], data_dir: Path,
+                                                                  tmp_path: Path) -> None:
+    """test_ckpt=best after a resume tests the best checkpoint of the whole training, not the best since the resume."""
+    _, run = reference
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    (best,) = [state for key, state in ckpt["callbacks"].items() if key.startswith("BestCheckpoint")]
+    assert best["best_model_path"] == str(run / "checkpoints" / "best.ckpt")
+    best["best_model_score"] = torch.tensor(2.0)  # an accuracy that no epoch after the resume can beat
+    best["best_k_models"] = {best["best_model_path"]: torch.tensor(2.0)}
+    torch.save(ckpt, tmp_path / "resume.ckpt")
+    resumed = train(compose_train(*run_overrides(data_dir, tmp_path / "resumed", "trainer.max_epochs=3"),
+                                  "test_ckpt=best", f"ckpt_path={tmp_path / 'resume.ckpt'}"))
+    assert resumed["epochs"] == 3 and resumed["tested"] == best["best_model_path"]
+    assert not (tmp_path / "resumed" / "checkpoints" / "best.ckpt").exists()
+    assert (run / "checkpoints" / "best.ckpt").is_file()  # the earlier run's files are never deleted
+
+
 class CrashInside(L.Callback):
     """Raises inside the training step at ``step``, in the forward pass of the network's last layer."""
 

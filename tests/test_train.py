@@ -201,6 +201,9 @@ def test_cli_bad_input_is_one_clear_error(args: list[str], message: str, data_di
     (["ckpt_path=last"], "ckpt_path=last but no interrupted.ckpt or last.ckpt exists under"),
     (["paths.data_dir=blocker/data"], "is not writable"),
     (["test_ckpt=best_or_not"], "test_ckpt must be best or last, got 'best_or_not'"),
+    (["data.val_split=0"], "data.val_split=0 validates on the test set, so test_ckpt=best would choose the epoch"),
+    (["seed=-1"], "seed must be an integer in 0..4294967295, got -1"),
+    (["seed=abc"], "seed must be an integer in 0..4294967295, got 'abc'"),
 ])
 def test_bad_settings_are_one_clear_error(args: list[str], message: str, tmp_path: Path, capsys,
                                           monkeypatch: pytest.MonkeyPatch) -> None:

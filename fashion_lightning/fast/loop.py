@@ -19,8 +19,10 @@ import torch
 from lightning import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import (
     Callback,
+    GradientAccumulationScheduler,
     LearningRateMonitor,
     ModelCheckpoint,
+    OnExceptionCheckpoint,
     ProgressBar,
     StochasticWeightAveraging,
     Timer,
@@ -60,13 +62,32 @@ def takes_batch_lists(callback: Callback) -> bool:
             or getattr(callback, "takes_batch_lists", False))
 
 
-def refusal(trainer: Trainer, module: LightningModule, base: type, per_step: int | None) -> str | None:
-    """What in this fit the fast loop cannot honour, as one line, or None; ``per_step`` is None where the
-    training loader hands over one batch a step."""
+def setup_refusal(trainer: Trainer, module: LightningModule, base: type) -> str | None:
+    """What the fast loop cannot honour that is known when it engages (``setup("fit")``), before anything reads
+    ``automatic_optimization``: the module's own optimization, methods and step hooks; callbacks that need automatic
+    optimization."""
     name = type(module).__name__
     if not LightningModule.automatic_optimization.fget(module):
         return f"{name} sets automatic_optimization=False (its own optimization); {TEXTBOOK}"
-    for method in (*MODULE_METHODS, *STEP_HOOKS, *(BATCH_HOOKS + TRANSFER_HOOKS if per_step else ())):
+    for method in (*MODULE_METHODS, *STEP_HOOKS):
+        if is_overridden(method, module, parent=base):
+            return f"{name}.{method}, which the fast loop does not run as written; {TEXTBOOK}"
+    if is_overridden("on_train_batch_start", module, parent=base):
+        return (f"{name}.on_train_batch_start, which the fast loop calls once a step (where it returns -1, Lightning "
+                f"ends the epoch without the epoch's scheduler step); {TEXTBOOK}")
+    for callback in trainer.callbacks:
+        if isinstance(callback, GradientAccumulationScheduler):
+            return f"callback {type(callback).__name__} (accumulation); {TEXTBOOK}"
+    return None
+
+
+def refusal(trainer: Trainer, module: LightningModule, base: type, per_step: int | None) -> str | None:
+    """What in this fit the fast loop cannot honour, as one line, or None; ``per_step`` is None where the
+    training loader hands over one batch a step."""
+    if reason := setup_refusal(trainer, module, base):
+        return reason
+    name = type(module).__name__
+    for method in BATCH_HOOKS + TRANSFER_HOOKS if per_step else ():
         if is_overridden(method, module, parent=base):
             return f"{name}.{method}, which the fast loop does not run as written; {TEXTBOOK}"
     datamodule = trainer.datamodule
@@ -83,6 +104,10 @@ def refusal(trainer: Trainer, module: LightningModule, base: type, per_step: int
                    f"{TEXTBOOK}"
         if isinstance(callback, ModelCheckpoint) and private.checkpoints_within_epochs(callback):
             return f"callback {cb} saving every n training steps or every time interval; {TEXTBOOK}"
+        if per_step and isinstance(callback, OnExceptionCheckpoint):
+            return (f"callback {cb}: saved inside a step of {per_step} batches, it would resume past those the step "
+                    f"had not applied (the app's SaveOnInterrupt takes them back); set batches_per_step=1, or "
+                    f"{TEXTBOOK}")
         reads_batches = any(is_overridden(h, callback, parent=Callback) for h in BATCH_HOOKS)
         if per_step and reads_batches and not takes_batch_lists(callback):
             return (f"callback {cb}, which reads each training batch, while a training step here holds "
@@ -133,6 +158,7 @@ class FastLoop:
         self.batches_per_step = batches_per_step
         self.base = base  # the class whose methods this loop stands in for
         self.trainer: Trainer | None = None
+        self.checked = False  # whether this fit passed `refusal`
         self._quiet: tuple | None = None
 
     def setup(self, module: LightningModule) -> None:
@@ -146,8 +172,10 @@ class FastLoop:
         if missing := private.lightning_counters_missing(trainer):
             rank_zero_warn(f"fast=True steps aside: this Lightning has no {missing}; the textbook path runs")
             return
+        if reason := setup_refusal(trainer, module, self.base):
+            raise UserError(f"fast=True cannot honour {reason}")
         tune_process()
-        self.trainer = trainer
+        self.trainer, self.checked = trainer, False
         if self.batches_per_step > 1:  # Lightning compares log_every_n_steps with lists: this loop logs per batch
             warnings.filterwarnings("ignore", message="The number of training batches .* logging interval")
             self._quiet = warnings.filters[0]
@@ -162,6 +190,7 @@ class FastLoop:
         per_step = loader.per_step if isinstance(loader, GroupedBatches) else None
         if reason := refusal(trainer, module, self.base, per_step):
             raise UserError(f"fast=True cannot honour {reason}")
+        self.checked = True
 
     def train_batches(self, loader: object, trainer: Trainer) -> object:
         """The training loader a step of this loop reads: ``loader``'s batches grouped by ``batches_per_step``,
@@ -198,6 +227,8 @@ class FastLoop:
 
     def training_step(self, module: LightningModule, batch: object, batch_idx: int) -> Tensor | None:
         """One optimizer step per batch of ``batch`` (a list of batches, or one), in order; the last loss."""
+        if not self.checked:  # a subclass's on_train_start that does not call super()'s: check here, before any step
+            self.on_train_start(module)
         trainer = module.trainer
         loader = trainer.train_dataloader
         grouped = isinstance(loader, GroupedBatches)
