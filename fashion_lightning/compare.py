@@ -21,7 +21,7 @@ from omegaconf import DictConfig, ListConfig
 from fashion_lightning.data import CLASS_NAMES
 from fashion_lightning.errors import UserError, reported_as_one_line
 from fashion_lightning.startup import skip_collection_at_exit
-from fashion_lightning.train import CONFIG_DIR
+from fashion_lightning.train import CONFIG_DIR, write_text
 
 
 @dataclass
@@ -175,8 +175,8 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
         text += [f"| {name} | " + " | ".join(f"{c[i]:.3f}" for c in shown.values()) + " |"
                  for i, name in enumerate(CLASS_NAMES)]
         text += ["", "![per-class accuracy](per_class.png)", ""]
-    (out / "compare.md").write_text("\n".join(text))
-    (out / "compare.json").write_text(json.dumps(rows, indent=2) + "\n")
+    write_text(out / "compare.md", "\n".join(text))
+    write_text(out / "compare.json", json.dumps(rows, indent=2) + "\n")
     return {"rows": rows, "page": str(out / "compare.md")}
 
 

@@ -186,6 +186,11 @@ class ImageClassifier(L.LightningModule):
         loss.reset()
         return value
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if batch_idx == 0:  # an epoch's start; a checkpoint saved at the last step of the one before restores its
+            self.train_acc.reset()  # whole running means, which Lightning then never ends: they must not carry over
+            self.train_loss.reset()
+
     def on_train_epoch_end(self) -> None:
         self._log_epoch("train")
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from torchvision.utils import make_grid
 
 from fashion_lightning.data import CLASS_NAMES, BatchLoader, FashionMNISTDataModule, to_input
 from fashion_lightning.module import ImageClassifier
+from fashion_lightning.train import write_json, write_text
 
 METRICS_CSV = "logs/metrics.csv"
 """Where the CSV logger (conf/logger/csv.yaml) writes per-epoch metrics, relative to the run directory."""
@@ -152,6 +152,8 @@ def write_report(model: ImageClassifier, datamodule: FashionMNISTDataModule, out
     """Evaluate ``model`` on the test set and write ``out_dir``: report.md, report.json and the PNGs."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    for done in ("report.md", "report.json"):  # written last: a report that fails midway never looks finished
+        (out / done).unlink(missing_ok=True)
     probs, pixels, labels = predict_test_set(model, datamodule)
     preds = probs.argmax(dim=1)
     confusion = multiclass_confusion_matrix(preds, labels, len(CLASS_NAMES))
@@ -176,6 +178,6 @@ def write_report(model: ImageClassifier, datamodule: FashionMNISTDataModule, out
             f"Test accuracy **{summary['test_acc']:.4f}**, mean cross-entropy loss {summary['test_loss']:.4f} "
             f"on the {summary['n']:,} official test images.", "", *table, "",
             *[f"![{p[:-4]}]({p})" for p in pictures], ""]
-    (out / "report.md").write_text("\n".join(text))
-    (out / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_text(out / "report.md", "\n".join(text))
+    write_json(out / "report.json", summary)
     return summary

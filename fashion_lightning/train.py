@@ -56,14 +56,19 @@ def resolve_ckpt_path(ckpt_path: str | None, output_root: str | os.PathLike) -> 
     return str(max(found, key=lambda p: p.stat().st_mtime))
 
 
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON atomically: readers see the old file or the whole new one, never half of it."""
+def write_text(path: Path, text: str) -> None:
+    """Write a text file atomically: readers see the old file or the whole new one, never half of it."""
     partial = path.with_name(path.name + ".partial")
     try:
-        partial.write_text(json.dumps(data, indent=2) + "\n")
+        partial.write_text(text)
         partial.replace(path)
     finally:
         partial.unlink(missing_ok=True)
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """`write_text` of ``data`` as indented JSON."""
+    write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def _overrides() -> list[str]:
@@ -103,9 +108,9 @@ def train(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict[str, An
     fit_metrics = {k.replace("/", "_"): float(v) for k, v in trainer.callback_metrics.items() if "/" in k}
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     test_ckpt = best if cfg.test_ckpt == "best" and best else None
-    if cfg.test_ckpt == "best" and not best:
-        log.warning("test_ckpt=best, but no best checkpoint was saved (nothing validated?): the final weights are tested")
     tested = cfg.get("test", True)
+    if tested and cfg.test_ckpt == "best" and not best:
+        log.warning("test_ckpt=best, but no best checkpoint was saved (nothing validated?): testing the final weights")
     if tested:
         (test_metrics,) = trainer.test(model, datamodule=datamodule, ckpt_path=test_ckpt, verbose=False)
 

@@ -13,20 +13,21 @@ Optuna is driven directly: the Hydra Optuna sweeper (1.3.0) pins ``optuna<3``.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import statistics
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from fashion_lightning.errors import UserError, reported_as_one_line
+from fashion_lightning.errors import UserError, check_positive_int, reported_as_one_line
 from fashion_lightning.startup import skip_collection_at_exit
-from fashion_lightning.train import CONFIG_DIR, route_lightning_logs, train, write_json
+from fashion_lightning.train import CONFIG_DIR, route_lightning_logs, train, write_json, write_text
 
 try:
     import optuna
@@ -71,6 +72,39 @@ def suggest(trial: Trial, space: Mapping[str, Any]) -> dict[str, Any]:
             raise UserError(f"tune.space.{key} must be {{low: ..., high: ...[, log: true][, step: ...]}} or "
                             f"{{choices: [...]}}, got {node!r}")
     return values
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """One clear error, before the study opens, for a ``tune`` setting that Optuna (or a trial) would fail on later."""
+    t = cfg.tune
+    check_positive_int("tune.n_trials", t.n_trials)
+    for key, value, optional in (("heartbeat_s", t.heartbeat_s, False), ("timeout_s", t.timeout_s, True)):
+        if not (optional and value is None) and not (_number(value) and value > 0):
+            raise UserError(f"tune.{key} must be a positive number{' or null' if optional else ''}, got {value!r}")
+    seeds = list(t.seeds) if isinstance(t.seeds, Sequence) and not isinstance(t.seeds, str) else None
+    if seeds is None or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**32 for v in seeds):
+        raise UserError(f"tune.seeds must be a list of integers in 0..{2**32 - 1} (or []), got {t.seeds!r}")
+    for key, node in flatten(t.space).items():
+        spec = dict(node) if isinstance(node, Mapping) else {}
+        if set(spec) == {"choices"}:
+            choices = spec["choices"]
+            ok = isinstance(choices, Sequence) and not isinstance(choices, str) and len(choices) > 0
+        elif {"low", "high"} <= set(spec) <= {"low", "high", "log", "step"}:
+            low, high, log, step = spec["low"], spec["high"], spec.get("log"), spec.get("step")
+            ok = (_number(low) and _number(high) and low <= high and (step is None or (_number(step) and step > 0))
+                  and (not log or (low > 0 and step is None)))
+        else:
+            ok = False
+        if not ok:
+            raise UserError(f"tune.space.{key} must be {{low: ..., high: ...[, log: true][, step: ...]}} (low <= high; "
+                            f"with log, low > 0 and no step) or {{choices: [...]}}, got {node!r}")
+        if OmegaConf.select(cfg, key, default=KeyError) is KeyError:
+            raise UserError(f"tune.space names {key}, which the training config does not have; "
+                            "search keys of the composed config (python -m fashion_lightning.train --cfg job)")
 
 
 def trial_config(cfg: DictConfig, values: Mapping[str, Any], run_dir: Path, **settings: Any) -> DictConfig:
@@ -147,10 +181,11 @@ def write_summary(study: optuna.Study, study_dir: Path, reruns: list[dict[str, A
     rows = [{"trial": t.number, "state": t.state.name, "value": t.value, "epochs": len(t.intermediate_values),
              "duration_s": round(t.duration.total_seconds(), 1) if t.duration else None,
              **{k: t.params.get(k) for k in names}, "run_dir": t.user_attrs.get("run_dir")} for t in trials]
-    with open(study_dir / "trials.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["trial", "state", "value", "epochs", "duration_s", *names, "run_dir"])
-        writer.writeheader()
-        writer.writerows(rows)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=["trial", "state", "value", "epochs", "duration_s", *names, "run_dir"])
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(study_dir / "trials.csv", table.getvalue())
     pictures = plot_study(study, study_dir)
     done = [t for t in trials if t.state == TrialState.COMPLETE]
     text = [f"# Study {study.study_name}", "",
@@ -172,7 +207,7 @@ def write_summary(study: optuna.Study, study_dir: Path, reruns: list[dict[str, A
     text += [f"| {r['trial']} | {r['state']} | {'' if r['value'] is None else format(r['value'], '.4f')} | "
              f"{r['epochs']} | {r['duration_s']} | " + " | ".join(str(r[k]) for k in names) + " |" for r in rows]
     text += ["", *[f"![{p[:-4]}]({p})" for p in pictures], ""]
-    (study_dir / "summary.md").write_text("\n".join(text))
+    write_text(study_dir / "summary.md", "\n".join(text))
 
 
 def plot_study(study: optuna.Study, study_dir: Path) -> list[str]:
@@ -223,6 +258,7 @@ def rerun_best(cfg: DictConfig, study: optuna.Study, study_dir: Path) -> list[di
 def tune(cfg: DictConfig) -> dict[str, Any]:
     """Run (or resume) the study until ``tune.n_trials`` trials have finished, then re-run the best; return a
     summary: best parameters, validation accuracy and the re-runs' test accuracies."""
+    check_settings(cfg)
     study_dir = Path(cfg.tune.study_dir)
     study_dir.mkdir(parents=True, exist_ok=True)
     study = open_study(cfg)

@@ -133,6 +133,22 @@ def test_a_resume_into_a_new_run_directory_keeps_the_best_so_far(reference: tupl
     assert (run / "checkpoints" / "best.ckpt").is_file()  # the earlier run's files are never deleted
 
 
+def test_a_resume_from_an_epochs_last_step_starts_the_next_epochs_means_afresh(data_dir: Path,
+                                                                              tmp_path: Path) -> None:
+    """Saved at an epoch's last step, the checkpoint holds that epoch's whole running means; Lightning resumes at
+    the next epoch without ending it, and the next epoch's train/acc must not average over both."""
+    textbook = "speed=reference"
+    whole = train(compose_train(*run_overrides(data_dir, tmp_path / "whole"), textbook))
+    every_epoch = ["+callbacks.steps._target_=lightning.pytorch.callbacks.ModelCheckpoint",
+                   f"+callbacks.steps.dirpath={tmp_path / 'steps'}", "+callbacks.steps.every_n_train_steps=24",
+                   "+callbacks.steps.filename=end"]
+    train(compose_train(*run_overrides(data_dir, tmp_path / "first", "trainer.max_epochs=1"), textbook, *every_epoch))
+    resumed = train(compose_train(*run_overrides(data_dir, tmp_path / "resumed"), textbook,
+                                  f"ckpt_path={tmp_path / 'steps' / 'end.ckpt'}"))
+    assert resumed["steps"] == whole["steps"] == 48
+    assert (resumed["train_acc"], resumed["train_loss"]) == (whole["train_acc"], whole["train_loss"])
+
+
 class CrashInside(L.Callback):
     """Raises inside the training step at ``step``, in the forward pass of the network's last layer."""
 

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
+from fashion_lightning import FashionMNISTDataModule, report
+from fashion_lightning.checkpoint import load_model
 from fashion_lightning.hydra_callbacks import write_summary
 
 
@@ -55,3 +59,17 @@ def test_sweep_summary_plots_the_swept_value(tmp_path: Path) -> None:
     assert [r["job"] for r in rows] == [1, 2, 0]
     check_png(tmp_path / "summary.png", (600, 400))
     assert "![" in (tmp_path / "summary.md").read_text()
+
+
+def test_a_report_that_fails_midway_never_looks_finished(trained_run: Path, data_dir: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """An earlier report's report.md / report.json go first and the new ones come last, each written whole."""
+    def disk_full(*args: object) -> None:
+        raise OSError(28, "No space left")
+
+    shutil.copytree(trained_run / "report", tmp_path / "report")
+    monkeypatch.setattr(report, "plot_samples", disk_full)
+    datamodule = FashionMNISTDataModule(data_dir=str(data_dir), download=False)
+    with pytest.raises(OSError, match="No space left"):
+        report.write_report(load_model(trained_run / "checkpoints" / "best.ckpt"), datamodule, tmp_path / "report")
+    assert not (tmp_path / "report" / "report.md").exists() and not (tmp_path / "report" / "report.json").exists()

@@ -85,11 +85,19 @@ def test_a_search_prunes_is_interrupted_and_resumes_from_its_database(data_dir: 
     ("+tune.space.model.lr={low:0.1}", r"tune.space.model.lr must be \{low: ..., high: ...\[, log: true\]"),
     ("+tune.space.model.nope={low:1,high:2}", "tune.space names model.nope, which the training config does not have"),
     ("tune.storage=nope://x", r"tune.storage='nope://x' cannot be opened \(.*\); give an SQLAlchemy URL"),
+    ("+tune.space.model.lr={low:0.01,high:0.001}", r"tune.space.model.lr must be .*\(low <= high; with log"),
+    ("+tune.space.model.lr={low:0,high:1,log:true}", r"tune.space.model.lr must be .*\(low <= high; with log"),
+    ("+tune.space.data.batch_size={choices:5}", r"tune.space.data.batch_size must be .* or \{choices: \[...\]\}"),
+    ("tune.n_trials=0", "tune.n_trials must be a positive integer, got 0"),
+    ("tune.heartbeat_s=0", "tune.heartbeat_s must be a positive number, got 0"),
+    ("tune.timeout_s=-5", "tune.timeout_s must be a positive number or null, got -5"),
+    ("tune.seeds=3", r"tune.seeds must be a list of integers in 0..4294967295 \(or \[\]\), got 3"),
 ])
 def test_a_bad_search_space_is_one_clear_error(override: str, message: str, tmp_path: Path) -> None:
     cfg = compose_tune(f"tune.study_dir={tmp_path}", "~tune.space.model", "~tune.space.data", override)
     with pytest.raises(UserError, match=message):
         tune.tune(cfg)
+    assert not (tmp_path / "study.db").exists() or override.startswith("tune.storage")  # refused before the study
 
 
 def test_the_cli_answers_a_bad_storage_in_one_line(tmp_path: Path) -> None:
