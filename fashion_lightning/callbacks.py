@@ -86,10 +86,21 @@ class BestCheckpoint(ModelCheckpoint):
     Every run of the app writes into a directory of its own, also a resumed one, and Lightning forgets the best score
     where ``dirpath`` changed: the first validation after the resume would become "best", however it compares with
     the epochs before. Here the resumed fit keeps comparing with them, and ``best_model_path`` stays the earlier
-    run's file until a better one is saved. Lightning never deletes a checkpoint outside ``dirpath``.
+    run's file (while it exists) until a better one is saved. Lightning never deletes a checkpoint outside
+    ``dirpath``.
     """
 
+    @property
+    def state_key(self) -> str:
+        """``ModelCheckpoint``'s key: checkpoints written with either class resume with the other."""
+        return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        best = state_dict.get("best_model_path")
+        if best and not Path(best).is_file():  # the earlier run's folder was moved or deleted: start afresh
+            super().load_state_dict(state_dict)
+            self.best_model_path = ""
+            return
         super().load_state_dict({**state_dict, "dirpath": self.dirpath})
 
 

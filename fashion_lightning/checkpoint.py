@@ -41,9 +41,9 @@ def check_compatible(checkpoint: dict[str, Any], model: ImageClassifier, path: s
                         "pass the model config it was trained with")
 
 
-RESUMED_DATA = ("scale", "val_split", "seed", "batch_size")
+RESUMED_DATA = ("scale", "val_split", "seed")
 """The data settings a resumed fit must share with its checkpoint: what the pixels are (raw or / 255), which images
-validate, the shuffling, and how many images the saved position within an epoch stands for."""
+validate, the shuffling. (``batch_size`` too where it stopped within an epoch: `BatchLoader` checks that.)"""
 
 
 def check_same_data(checkpoint: dict[str, Any], datamodule: Any, path: str | Path) -> None:

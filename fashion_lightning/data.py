@@ -59,9 +59,12 @@ class BatchLoader:
         return order[self.rank :: self.world_size]
 
     def __len__(self) -> int:
+        return self._batches(self.batch_size)
+
+    def _batches(self, batch_size: int) -> int:
         n = len(self.labels)
         per_rank = math.ceil(n / self.world_size) if self.shuffle else len(range(self.rank, n, self.world_size))
-        return math.ceil(per_rank / self.batch_size)
+        return math.ceil(per_rank / batch_size)
 
     def _next_epoch(self) -> int:
         return self.epoch + 1 if self.epoch_of is None else self.epoch_of()
@@ -90,11 +93,16 @@ class BatchLoader:
         self.position -= batches
 
     def state_dict(self) -> dict[str, int]:
-        """Where reading stands: the epoch and how many batches were handed out."""
-        return {"epoch": self.epoch, "position": self.position}
+        """Where reading stands: the epoch and how many batches (of ``batch_size``) were handed out."""
+        return {"epoch": self.epoch, "position": self.position, "batch_size": self.batch_size}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        """Continue from a `state_dict` when the next iteration reads the same epoch."""
+        """Continue from a `state_dict` when the next iteration reads the same epoch; a position within an epoch
+        counts batches, so it needs the batch size it was saved with."""
+        saved = state.get("batch_size", self.batch_size)
+        if saved != self.batch_size and 0 < state.get("position", 0) < self._batches(saved):
+            raise UserError(f"the checkpoint stopped {state['position']} batches of {saved} into an epoch; resume it "
+                            f"with data.batch_size={saved} (got {self.batch_size}), or resume from an epoch's end")
         self._resume = dict(state)
 
 

@@ -11,10 +11,11 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from conftest import N_TRAIN, compose_train, fit_model, quick_overrides
 from fashion_lightning import CNN, DenseBaseline, FashionMNISTDataModule, UserError
-from fashion_lightning.callbacks import EMA, BatchProgressBar, SaveOnInterrupt
+from fashion_lightning.callbacks import EMA, BatchProgressBar, BestCheckpoint, SaveOnInterrupt
 from fashion_lightning.train import train
 
 EPOCH = math.ceil((N_TRAIN - 5000) / 32)  # batches of 32 in an epoch after the default 5000 validation images
@@ -94,3 +95,22 @@ def test_an_exception_outside_fit_saves_no_interrupted_checkpoint(data_dir: Path
     with pytest.raises(RuntimeError, match="crash in the test"):
         trainer.test(trainer.lightning_module, datamodule=trainer.datamodule, verbose=False)
     assert not save.ckpt_path.exists()
+
+
+@pytest.mark.parametrize("earlier_file", ["kept", "deleted"])
+def test_the_best_checkpoint_record_moves_to_a_new_directory_while_its_file_exists(earlier_file: str,
+                                                                                  tmp_path: Path) -> None:
+    earlier = tmp_path / "earlier" / "best.ckpt"
+    earlier.parent.mkdir()
+    if earlier_file == "kept":
+        earlier.write_bytes(b"a checkpoint")
+    saved = ModelCheckpoint(dirpath=earlier.parent, monitor="val/acc", mode="max")
+    saved.best_model_path, saved.best_model_score = str(earlier), torch.tensor(0.9)
+    saved.best_k_models, saved.kth_best_model_path = {str(earlier): torch.tensor(0.9)}, str(earlier)
+    resumed = BestCheckpoint(dirpath=tmp_path / "new", monitor="val/acc", mode="max")
+    assert resumed.state_key == saved.state_key  # checkpoints of either class resume with the other
+    resumed.load_state_dict(saved.state_dict())
+    if earlier_file == "kept":
+        assert resumed.best_model_score == 0.9 and resumed.best_k_models == {str(earlier): 0.9}
+    else:  # nothing to test against: a fresh record, as Lightning keeps across directories
+        assert resumed.best_model_score is None and resumed.best_k_models == {} and resumed.best_model_path == ""

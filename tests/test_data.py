@@ -79,9 +79,9 @@ def test_unscaled_pixels_are_raw_0_255(data_dir: Path) -> None:
     assert x.dtype == torch.float32 and x.max() > 1.0 and torch.equal(x, x.round())
 
 
-def make_loader(**kwargs) -> BatchLoader:
+def make_loader(batch_size: int = 10, **kwargs) -> BatchLoader:
     images = torch.arange(103, dtype=torch.uint8).view(103, 1, 1).expand(103, 28, 28)
-    return BatchLoader(images, torch.arange(103), 10, **kwargs)
+    return BatchLoader(images, torch.arange(103), batch_size, **kwargs)
 
 
 def test_loader_epochs_cover_everything_in_new_orders() -> None:
@@ -116,6 +116,20 @@ def test_loader_resumes_mid_epoch() -> None:
     resumed.load_state_dict(state)
     rest = [y for _, y in resumed]
     assert all(torch.equal(a, b) for a, b in zip(head + rest, expected, strict=True))
+
+
+def test_a_position_within_an_epoch_resumes_only_with_its_batch_size() -> None:
+    loader = make_loader(shuffle=True)
+    it = iter(loader)
+    for _ in range(4):
+        next(it)
+    within, ended = loader.state_dict(), {**loader.state_dict(), "position": len(loader)}
+    other = make_loader(shuffle=True, batch_size=loader.batch_size * 2)
+    with pytest.raises(UserError, match=f"stopped 4 batches of {loader.batch_size} into an epoch; resume it with "
+                                        f"data.batch_size={loader.batch_size}"):
+        other.load_state_dict(within)
+    other.load_state_dict(ended)  # an epoch's end: the next epoch starts at 0 whatever the batch size
+    make_loader(shuffle=True).load_state_dict(within)
 
 
 def test_loader_follows_the_trainers_epoch() -> None:

@@ -283,6 +283,12 @@ class OwnBatchHook(DenseBaseline):
         pass
 
 
+class BatchHookEpochSchedule(OwnBatchHook):
+    def configure_optimizers(self) -> dict:
+        optimizer = torch.optim.Adam(self.parameters(), fused=True)
+        return {"optimizer": optimizer, "lr_scheduler": torch.optim.lr_scheduler.StepLR(optimizer, 1)}
+
+
 class SkipsStart(DenseBaseline):
     def on_train_start(self) -> None:  # as Lightning's docs write hooks: without super()
         pass
@@ -338,8 +344,9 @@ REFUSED: dict[str, tuple[type, dict[str, Any], str]] = {
     "an own optimizer_step": (OwnOptimizerStep, {}, "OwnOptimizerStep.optimizer_step"),
     "a module hook": (OwnGradientHook, {}, "OwnGradientHook.on_before_optimizer_step"),
     "a module batch hook": (OwnBatchHook, {}, "OwnBatchHook.on_train_batch_start"),
-    "a module batch hook, one batch a step": (OwnBatchHook, {"per_step": 1}, "OwnBatchHook.on_train_batch_start, "
-                                              "which the fast loop calls once a step (where it returns -1"),
+    "a module batch hook and an epoch schedule, one batch a step": (
+        BatchHookEpochSchedule, {"per_step": 1}, "BatchHookEpochSchedule.on_train_batch_start with a StepLR stepped "
+                                                 "every epoch: where the hook returns -1"),
     "an on_train_start without super()": (SkipsStart, {"gradient_clip_val": 1.0}, "Trainer(gradient_clip_val=1.0)"),
     "an own training_step, on_train_start without super()": (SkipsStartOwnStep, {},
                                                               "SkipsStartOwnStep.training_step"),
@@ -401,6 +408,12 @@ def test_a_checkpoint_on_exception_is_refused_only_with_lists_of_batches(per_ste
     with pytest.raises(UserError, match="callback OnExceptionCheckpoint: saved inside a step of 4 batches"):
         train(DenseBaseline, True, data_dir, tmp_path, per_step=4, max_steps=3, callbacks=(callback,),
               enable_checkpointing=True)
+
+
+def test_a_module_batch_hook_is_fine_with_one_batch_per_step_and_no_epoch_schedule(data_dir: Path,
+                                                                                  tmp_path: Path) -> None:
+    trainer, _, mode = train(OwnBatchHook, True, data_dir, tmp_path, per_step=1, max_epochs=1)
+    assert mode.automatic == [False] and trainer.global_step == 21
 
 
 def test_a_batch_reading_callback_is_fine_with_one_batch_per_step(data_dir: Path, tmp_path: Path) -> None:

@@ -121,7 +121,7 @@ def test_a_resume_into_a_new_run_directory_keeps_the_best_so_far(reference: tupl
     """test_ckpt=best after a resume tests the best checkpoint of the whole training, not the best since the resume."""
     _, run = reference
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    (best,) = [state for key, state in ckpt["callbacks"].items() if key.startswith("BestCheckpoint")]
+    (best,) = [state for key, state in ckpt["callbacks"].items() if "'monitor': 'val/acc'" in key]
     assert best["best_model_path"] == str(run / "checkpoints" / "best.ckpt")
     best["best_model_score"] = torch.tensor(2.0)  # an accuracy that no epoch after the resume can beat
     best["best_k_models"] = {best["best_model_path"]: torch.tensor(2.0)}

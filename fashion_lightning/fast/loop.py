@@ -72,9 +72,6 @@ def setup_refusal(trainer: Trainer, module: LightningModule, base: type) -> str 
     for method in (*MODULE_METHODS, *STEP_HOOKS):
         if is_overridden(method, module, parent=base):
             return f"{name}.{method}, which the fast loop does not run as written; {TEXTBOOK}"
-    if is_overridden("on_train_batch_start", module, parent=base):
-        return (f"{name}.on_train_batch_start, which the fast loop calls once a step (where it returns -1, Lightning "
-                f"ends the epoch without the epoch's scheduler step); {TEXTBOOK}")
     for callback in trainer.callbacks:
         if isinstance(callback, GradientAccumulationScheduler):
             return f"callback {type(callback).__name__} (accumulation); {TEXTBOOK}"
@@ -90,6 +87,10 @@ def refusal(trainer: Trainer, module: LightningModule, base: type, per_step: int
     for method in BATCH_HOOKS + TRANSFER_HOOKS if per_step else ():
         if is_overridden(method, module, parent=base):
             return f"{name}.{method}, which the fast loop does not run as written; {TEXTBOOK}"
+    by_epoch = [type(c.scheduler).__name__ for c in trainer.lr_scheduler_configs if c.interval == "epoch"]
+    if by_epoch and is_overridden("on_train_batch_start", module, parent=base):
+        return (f"{name}.on_train_batch_start with a {by_epoch[0]} stepped every epoch: where the hook returns -1, "
+                f"Lightning ends the epoch early and steps it, the fast loop would not; {TEXTBOOK}")
     datamodule = trainer.datamodule
     for method in TRANSFER_HOOKS if per_step and datamodule is not None else ():
         if is_overridden(method, datamodule, parent=LightningDataModule):
