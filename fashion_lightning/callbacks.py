@@ -159,10 +159,20 @@ class EMA(EMAWeightAveraging):
 
     One change: Lightning's callback, still holding its average after ``fit``, answers a later
     ``trainer.test(ckpt_path=...)`` by loading the checkpoint's raw (not averaged) weights into the model, so the
-    test would silently evaluate other weights than validation chose. Here a checkpoint restores the raw weights
-    and the average only when a fit resumes; a test, validation or prediction evaluates its averaged weights.
+    test would silently evaluate other weights than validation chose, and it swaps the fit's last average in for a
+    later ``trainer.validate(ckpt_path=...)``. Here a checkpoint restores the raw weights and the average only when
+    a fit resumes, and only a fit's validation swaps; a test, validation or prediction evaluates its averaged
+    weights.
     """
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         if trainer.state.fn == TrainerFn.FITTING:
             super().on_load_checkpoint(trainer, pl_module, checkpoint)
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING:  # a later validate() evaluates its own checkpoint's average
+            super().on_validation_epoch_start(trainer, pl_module)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING:
+            super().on_validation_epoch_end(trainer, pl_module)

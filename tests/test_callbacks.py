@@ -69,6 +69,21 @@ def test_ema_weights_are_validated_checkpointed_and_tested(data_dir: Path, tmp_p
     assert results["test_loss"] != pytest.approx(loss_of(raw, "test", 3), rel=1e-4)
 
 
+def test_a_validation_after_the_fit_evaluates_the_checkpoint_it_loads(data_dir: Path, tmp_path: Path) -> None:
+    """Not the fit's last average, which Lightning's callback keeps attached and would swap in."""
+    every_epoch = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{epoch}", save_top_k=-1)
+    torch.manual_seed(0)
+    trainer = fit_model(DenseBaseline(), data_dir, tmp_path, callbacks=(EMA(decay=0.9), every_epoch), max_epochs=2,
+                        limit_train_batches=10, enable_checkpointing=True)
+    (metrics,) = trainer.validate(trainer.lightning_module, datamodule=trainer.datamodule,
+                                  ckpt_path=str(tmp_path / "ckpt" / "epoch=0.ckpt"), verbose=False)
+    model = DenseBaseline()
+    model.load_state_dict(torch.load(tmp_path / "ckpt" / "epoch=0.ckpt", weights_only=False)["state_dict"])
+    x, y = next(iter(trainer.datamodule.val_dataloader()))
+    with torch.no_grad():
+        assert metrics["val/loss"] == pytest.approx(float(F.cross_entropy(model(x), y)), rel=1e-5)
+
+
 def test_the_fast_option_keeps_ema_exact_one_batch_a_step_and_refuses_more(data_dir: Path, tmp_path: Path) -> None:
     weights = []
     for fast in (False, True):
