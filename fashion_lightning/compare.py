@@ -16,12 +16,12 @@ from typing import Any
 
 import hydra
 from matplotlib.figure import Figure
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig
 
 from fashion_lightning.data import CLASS_NAMES
 from fashion_lightning.errors import UserError, reported_as_one_line
 from fashion_lightning.startup import skip_collection_at_exit
-from fashion_lightning.train import CONFIG_DIR, write_text
+from fashion_lightning.train import CONFIG_DIR, as_list, write_json, write_text
 
 
 @dataclass
@@ -145,7 +145,7 @@ def plot_per_class(shown: dict[str, list[float]], path: Path) -> None:
 
 def compare(cfg: DictConfig) -> dict[str, Any]:
     """Write ``cfg.out_dir``/compare.md and its PNGs from the runs under ``cfg.runs``; return the table's rows."""
-    recipes = read_runs([str(r) for r in cfg.runs] if isinstance(cfg.runs, ListConfig | list) else [str(cfg.runs)])
+    recipes = read_runs(as_list(cfg.runs))
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     chosen = pairs(recipes, dict(cfg.tutorial))
@@ -176,7 +176,7 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
                  for i, name in enumerate(CLASS_NAMES)]
         text += ["", "![per-class accuracy](per_class.png)", ""]
     write_text(out / "compare.md", "\n".join(text))
-    write_text(out / "compare.json", json.dumps(rows, indent=2) + "\n")
+    write_json(out / "compare.json", rows)
     return {"rows": rows, "page": str(out / "compare.md")}
 
 

@@ -25,6 +25,11 @@ def check_positive_int(name: str, value: object) -> int:
     return value
 
 
+def is_seed(value: object) -> bool:
+    """Whether ``value`` is a seed Lightning's ``seed_everything`` takes: an integer in 0..2**32 - 1."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**32
+
+
 DISK_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM}
 PATH_ERRORS = {errno.EEXIST: "a file where a folder is needed", errno.ENOTDIR: "a file where a folder is needed",
                errno.EISDIR: "a folder where a file is needed"}

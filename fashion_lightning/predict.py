@@ -11,7 +11,7 @@ from typing import Any
 import hydra
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from fashion_lightning.checkpoint import load_trained
@@ -19,7 +19,7 @@ from fashion_lightning.data import CLASS_NAMES
 from fashion_lightning.errors import UserError, check_positive_int, reported_as_one_line
 from fashion_lightning.images import INVERT, ImageError, open_image, probabilities, ranked
 from fashion_lightning.startup import skip_collection_at_exit
-from fashion_lightning.train import CONFIG_DIR
+from fashion_lightning.train import CONFIG_DIR, as_list
 
 
 @dataclass
@@ -80,12 +80,11 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
         raise UserError(f"invert must be one of {', '.join(INVERT)}, got {cfg.invert!r}")
     if cfg.format not in ("table", "json"):
         raise UserError(f"format must be table or json, got {cfg.format!r}")
-    inputs = [] if OmegaConf.is_missing(cfg, "inputs") else (
-        list(cfg.inputs) if isinstance(cfg.inputs, ListConfig | list) else [str(cfg.inputs)])
+    inputs = [] if OmegaConf.is_missing(cfg, "inputs") else as_list(cfg.inputs)
     if not inputs:
         raise UserError("inputs names no image: give image files or test-set items, e.g. inputs=[shirt.png,test:0-15]")
     _, model, scale = load_trained(cfg, "predict")
-    items = gather_items([str(i) for i in inputs], cfg.invert, cfg)
+    items = gather_items(inputs, cfg.invert, cfg)
     good = [item for item in items if item.error is None]
     probs = iter(probabilities(model, torch.stack([item.pixels for item in good]), scale) if good else ())
     results = []

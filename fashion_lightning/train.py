@@ -16,11 +16,11 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig
 
 from fashion_lightning.callbacks import EpochTimer
 from fashion_lightning.checkpoint import check_compatible, check_same_data, read_checkpoint
-from fashion_lightning.errors import UserError, reported_as_one_line
+from fashion_lightning.errors import UserError, is_seed, reported_as_one_line
 from fashion_lightning.module import ImageClassifier
 from fashion_lightning.startup import skip_collection_at_exit
 
@@ -66,9 +66,14 @@ def write_text(path: Path, text: str) -> None:
         partial.unlink(missing_ok=True)
 
 
-def write_json(path: Path, data: dict[str, Any]) -> None:
+def write_json(path: Path, data: Any) -> None:
     """`write_text` of ``data`` as indented JSON."""
     write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def as_list(value: Any) -> list[str]:
+    """A config value given as a list or as one item (``runs=outputs`` as well as ``runs=[a,b]``), as strings."""
+    return [str(v) for v in value] if isinstance(value, ListConfig | list) else [str(value)]
 
 
 def _overrides() -> list[str]:
@@ -87,7 +92,7 @@ def train(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict[str, An
     if cfg.test_ckpt not in ("best", "last"):
         raise UserError(f"test_ckpt must be best or last, got {cfg.test_ckpt!r}")
     run_dir = Path(cfg.paths.output_dir)
-    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or not 0 <= cfg.seed < 2**32:
+    if not is_seed(cfg.seed):
         raise UserError(f"seed must be an integer in 0..{2**32 - 1}, got {cfg.seed!r}")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule: L.LightningDataModule = instantiate(cfg.data)

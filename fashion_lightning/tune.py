@@ -25,7 +25,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from fashion_lightning.errors import UserError, check_positive_int, reported_as_one_line
+from fashion_lightning.errors import UserError, check_positive_int, is_seed, reported_as_one_line
 from fashion_lightning.startup import skip_collection_at_exit
 from fashion_lightning.train import CONFIG_DIR, route_lightning_logs, train, write_json, write_text
 
@@ -55,27 +55,50 @@ def flatten(space: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def range_spec(key: str, node: Any) -> dict[str, Any]:
+    """``tune.space``'s entry ``key`` as a dict: ``{low, high[, log, step]}`` (low <= high; with ``log``, low > 0 and
+    no step) or ``{choices: [...]}`` (a non-empty list); anything else is a `UserError` saying what is accepted."""
+    spec = dict(node) if isinstance(node, Mapping) else {}
+    if set(spec) == {"choices"}:
+        choices = spec["choices"]
+        ok = isinstance(choices, Sequence) and not isinstance(choices, str) and len(choices) > 0
+    elif {"low", "high"} <= set(spec) <= {"low", "high", "log", "step"}:
+        low, high, log, step = spec["low"], spec["high"], spec.get("log"), spec.get("step")
+        ok = (_number(low) and _number(high) and low <= high and (step is None or (_number(step) and step > 0))
+              and (not log or (low > 0 and step is None)))
+    else:
+        ok = False
+    if not ok:
+        raise UserError(f"tune.space.{key} must be {{low: ..., high: ...[, log: true][, step: ...]}} (low <= high; "
+                        f"with log, low > 0 and no step) or {{choices: [...]}}, got {node!r}")
+    return spec
+
+
 def suggest(trial: Trial, space: Mapping[str, Any]) -> dict[str, Any]:
     """The trial's value for each ``key: {low, high[, log, step]}`` or ``key: {choices: [...]}`` of ``space``
     (nested as the training config; whole numbers when ``low`` and ``high`` are, a float range otherwise)."""
     values = {}
     for key, node in flatten(space).items():
-        spec = dict(node) if isinstance(node, Mapping) else {}
-        if "choices" in spec and set(spec) == {"choices"} and spec["choices"]:
+        spec = range_spec(key, node)
+        if "choices" in spec:
             values[key] = trial.suggest_categorical(key, list(spec["choices"]))
-        elif {"low", "high"} <= set(spec) <= {"low", "high", "log", "step"}:
-            low, high = spec["low"], spec["high"]
-            kwargs = {k: spec[k] for k in ("log", "step") if spec.get(k) is not None}
-            whole = all(isinstance(v, int) and not isinstance(v, bool) for v in (low, high))
-            values[key] = (trial.suggest_int if whole else trial.suggest_float)(key, low, high, **kwargs)
-        else:
-            raise UserError(f"tune.space.{key} must be {{low: ..., high: ...[, log: true][, step: ...]}} or "
-                            f"{{choices: [...]}}, got {node!r}")
+            continue
+        low, high = spec["low"], spec["high"]
+        kwargs = {k: spec[k] for k in ("log", "step") if spec.get(k) is not None}
+        whole = all(isinstance(v, int) and not isinstance(v, bool) for v in (low, high))
+        values[key] = (trial.suggest_int if whole else trial.suggest_float)(key, low, high, **kwargs)
     return values
 
 
-def _number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+def check_known(config: DictConfig, key: str) -> None:
+    """A `UserError` unless ``config`` has the dotted ``key``."""
+    if OmegaConf.select(config, key, default=KeyError) is KeyError:
+        raise UserError(f"tune.space names {key}, which the training config does not have; "
+                        "search keys of the composed config (python -m fashion_lightning.train --cfg job)")
 
 
 def check_settings(cfg: DictConfig) -> None:
@@ -85,35 +108,18 @@ def check_settings(cfg: DictConfig) -> None:
     for key, value, optional in (("heartbeat_s", t.heartbeat_s, False), ("timeout_s", t.timeout_s, True)):
         if not (optional and value is None) and not (_number(value) and value > 0):
             raise UserError(f"tune.{key} must be a positive number{' or null' if optional else ''}, got {value!r}")
-    seeds = list(t.seeds) if isinstance(t.seeds, Sequence) and not isinstance(t.seeds, str) else None
-    if seeds is None or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**32 for v in seeds):
+    if not isinstance(t.seeds, Sequence) or isinstance(t.seeds, str) or not all(map(is_seed, t.seeds)):
         raise UserError(f"tune.seeds must be a list of integers in 0..{2**32 - 1} (or []), got {t.seeds!r}")
     for key, node in flatten(t.space).items():
-        spec = dict(node) if isinstance(node, Mapping) else {}
-        if set(spec) == {"choices"}:
-            choices = spec["choices"]
-            ok = isinstance(choices, Sequence) and not isinstance(choices, str) and len(choices) > 0
-        elif {"low", "high"} <= set(spec) <= {"low", "high", "log", "step"}:
-            low, high, log, step = spec["low"], spec["high"], spec.get("log"), spec.get("step")
-            ok = (_number(low) and _number(high) and low <= high and (step is None or (_number(step) and step > 0))
-                  and (not log or (low > 0 and step is None)))
-        else:
-            ok = False
-        if not ok:
-            raise UserError(f"tune.space.{key} must be {{low: ..., high: ...[, log: true][, step: ...]}} (low <= high; "
-                            f"with log, low > 0 and no step) or {{choices: [...]}}, got {node!r}")
-        if OmegaConf.select(cfg, key, default=KeyError) is KeyError:
-            raise UserError(f"tune.space names {key}, which the training config does not have; "
-                            "search keys of the composed config (python -m fashion_lightning.train --cfg job)")
+        range_spec(key, node)
+        check_known(cfg, key)
 
 
 def trial_config(cfg: DictConfig, values: Mapping[str, Any], run_dir: Path, **settings: Any) -> DictConfig:
     """``cfg``'s training config with ``values`` set (dotted keys, which must exist) and the run directory."""
     run = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "tune"])
     for key, value in {**values, **settings, "paths.output_dir": str(run_dir)}.items():
-        if OmegaConf.select(run, key, default=KeyError) is KeyError:
-            raise UserError(f"tune.space names {key}, which the training config does not have; "
-                            "search keys of the composed config (python -m fashion_lightning.train --cfg job)")
+        check_known(run, key)
         OmegaConf.update(run, key, value, merge=False)
     return run
 

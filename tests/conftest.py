@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gzip
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import lightning as L
@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from fashion_lightning import FashionMNISTDataModule
+from fashion_lightning.errors import reported_as_one_line
 from fashion_lightning.fast import kernels, private
 from fashion_lightning.files import ensure_raw_files
 from fashion_lightning.train import CONFIG_DIR
@@ -114,6 +115,16 @@ def trained_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     overrides = [o for o in quick_overrides(data_dir, out) if o != "report=false"]
     train(compose_train(*overrides, "+trainer.limit_test_batches=2"))
     return out
+
+
+def one_line_error(run: Callable[[], object], capsys: pytest.CaptureFixture[str]) -> str:
+    """What an app answers a user's mistake with: ``run()`` under the apps' error handler exits with code 1 after
+    one ``error: ...`` line on stderr; that line."""
+    with pytest.raises(SystemExit) as info, reported_as_one_line():
+        run()
+    err = capsys.readouterr().err
+    assert info.value.code == 1 and err.startswith("error: ") and err.count("\n") == 1, err
+    return err
 
 
 def fit_model(model: L.LightningModule, data_dir: Path, tmp_path: Path, callbacks: tuple = (),

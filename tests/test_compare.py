@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
+from conftest import one_line_error
 from fashion_lightning import CLASS_NAMES, UserError
 from fashion_lightning.compare import compare
-from fashion_lightning.errors import reported_as_one_line
 from fashion_lightning.train import CONFIG_DIR
 
 RECIPES = {  # (model, recipe): test accuracies of three seeds, and how the CNN beats the dense net on shirts
@@ -98,8 +98,6 @@ def test_a_results_file_that_is_not_results_is_one_clear_error(text: str, messag
 def test_an_output_folder_that_is_a_file_is_one_clear_error(tmp_path: Path, capsys) -> None:
     write_runs(tmp_path / "runs")
     (tmp_path / "page").write_text("a file where the page's folder should be")
-    with pytest.raises(SystemExit) as info, reported_as_one_line():
-        compare(compose_compare(f"runs=[{tmp_path / 'runs'}]", f"out_dir={tmp_path / 'page'}"))
-    err = capsys.readouterr().err
-    assert info.value.code == 1 and err.count("\n") == 1
+    cfg = compose_compare(f"runs=[{tmp_path / 'runs'}]", f"out_dir={tmp_path / 'page'}")
+    err = one_line_error(lambda: compare(cfg), capsys)
     assert err.startswith(f"error: cannot use {tmp_path / 'page'}: File exists (a file where a folder is needed)")

@@ -12,9 +12,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from conftest import save_variants, synthetic_split
+from conftest import one_line_error, save_variants, synthetic_split
 from fashion_lightning import UserError
-from fashion_lightning.errors import reported_as_one_line
 from fashion_lightning.predict import parse_test_items, predict
 from fashion_lightning.train import CONFIG_DIR
 
@@ -91,7 +90,4 @@ def test_bad_settings_are_one_clear_error(args: list[str], message: str, trained
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("predict", overrides=[f"ckpt_path={trained_run / 'checkpoints' / 'best.ckpt'}", *args,
                                             *(["inputs=[test:0]"] if args and "inputs" not in args[0] else [])])
-    with pytest.raises(SystemExit) as info, reported_as_one_line():
-        predict(cfg)
-    err = capsys.readouterr().err
-    assert info.value.code == 1 and err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert message in one_line_error(lambda: predict(cfg), capsys)

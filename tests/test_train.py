@@ -15,10 +15,10 @@ import pytest
 from hydra.types import RunMode
 from hydra.utils import instantiate
 
-from conftest import compose_train, quick_overrides
+from conftest import compose_train, one_line_error, quick_overrides
 from fashion_lightning import CNN, BatchAugment, DenseBaseline, FashionMNISTDataModule
 from fashion_lightning.checkpoint import load_model
-from fashion_lightning.errors import UserError, reported_as_one_line
+from fashion_lightning.errors import UserError
 from fashion_lightning.train import check_accelerator, train
 
 TRAINERS = ["default", "cpu", "gpu", "ddp", "ddp_cpu"]
@@ -212,11 +212,7 @@ def test_bad_settings_are_one_clear_error(args: list[str], message: str, tmp_pat
     monkeypatch.chdir(tmp_path)
     cfg = compose_train(f"paths.output_dir={tmp_path / 'outs' / 'run'}", f"paths.output_root={tmp_path / 'outs'}",
                         "paths.data_dir=data", *args)
-    with pytest.raises(SystemExit) as info, reported_as_one_line():
-        train(cfg)
-    assert info.value.code == 1
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert message in one_line_error(lambda: train(cfg), capsys)
     assert not (tmp_path / "outs" / "run" / "results.json").exists()
 
 
