@@ -10,10 +10,8 @@ from types import FrameType
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback, EMAWeightAveraging, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, EMAWeightAveraging, ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
-
-from fashion_lightning.fast.batches import GroupedBatches
 
 
 class SaveOnInterrupt(Callback):
@@ -27,19 +25,17 @@ class SaveOnInterrupt(Callback):
     nothing, so no checkpoint looks like a result.
     """
 
-    takes_batch_lists = True  # the fast loop's steps of several batches: it stops after the whole step
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, dirpath: str, filename: str = "interrupted") -> None:
         self.ckpt_path = Path(dirpath) / f"{filename}.ckpt"
         self.received: int | None = None
         self._previous: dict[int, Any] = {}
-        self._step: tuple[int, int] | None = None  # the running step: global_step at its start, its batches
+        self._step_start: int | None = None  # global_step when the running training step began
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        grouped = isinstance(trainer.train_dataloader, GroupedBatches)
-        self._step = (trainer.global_step, len(batch) if grouped else 1)
+        self._step_start = trainer.global_step
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.received = None
@@ -52,7 +48,7 @@ class SaveOnInterrupt(Callback):
         self.received = signum
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        self._step = None
+        self._step_start = None
         stop = self.received is not None
         if trainer.world_size > 1:  # every process stops after the same step, or the others would wait forever
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
@@ -73,10 +69,8 @@ class SaveOnInterrupt(Callback):
         if trainer.state.fn != TrainerFn.FITTING or trainer.global_step == 0:
             return  # not training (a test after the fit, say: its weights need not be the loops'), or nothing trained
         loader = trainer.train_dataloader
-        if self._step is not None and hasattr(loader, "give_back"):
-            start, batches = self._step
-            if (unapplied := batches - (trainer.global_step - start)) > 0:  # Lightning runs this step again
-                loader.give_back(unapplied)
+        if self._step_start == trainer.global_step and hasattr(loader, "give_back"):
+            loader.give_back(1)  # the step's batch was not applied: Lightning runs this step again on resume
         trainer.save_checkpoint(self.ckpt_path)
 
 
@@ -107,8 +101,6 @@ class BestCheckpoint(ModelCheckpoint):
 class EpochTimer(Callback):
     """Wall time of each training epoch's steps (validation excluded): ``times``, logged as ``train/epoch_time_s``."""
 
-    takes_batch_lists = True
-
     def __init__(self) -> None:
         self.times: list[float] = []
         self._start = self._last = 0.0
@@ -122,34 +114,6 @@ class EpochTimer(Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.times.append(self._last - self._start)
         pl_module.log("train/epoch_time_s", self.times[-1], sync_dist=True)
-
-
-class BatchProgressBar(TQDMProgressBar):
-    """Lightning's tqdm bar counting an epoch's batches, also where a training step takes several (the fast
-    option's `GroupedBatches`: ``1875/1875`` an epoch for batch 32 either way), refreshed every ``refresh_rate``
-    batches."""
-
-    takes_batch_lists = True
-
-    @staticmethod
-    def _batches(trainer: L.Trainer, steps: int | float) -> int | float:
-        loader = trainer.train_dataloader
-        return loader.batches_in(steps) if isinstance(loader, GroupedBatches) else steps
-
-    @property
-    def total_train_batches(self) -> int | float:
-        return self._batches(self.trainer, super().total_train_batches)
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        bar = self.train_progress_bar
-        if bar is None or bar.disable or not self.refresh_rate:
-            return
-        done, before = self._batches(trainer, batch_idx + 1), self._batches(trainer, batch_idx)
-        if done // self.refresh_rate > before // self.refresh_rate or done == bar.total:
-            bar.n = done
-            bar.refresh()
-            bar.set_postfix(self.get_metrics(trainer, pl_module))
 
 
 class EMA(EMAWeightAveraging):

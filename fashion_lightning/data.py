@@ -111,8 +111,7 @@ class FashionMNISTDataModule(L.LightningDataModule):
 
     Batches are float32 ``(B, 1, 28, 28)`` images and int64 labels (`BatchLoader`), on the trainer's device,
     where the images are kept as uint8. Under DDP each rank reads its share of every epoch's order. With
-    ``overfit_batches`` the training order is not shuffled (Lightning's rule). A module that reads several
-    batches per training step (``train_batches``: the fast option) gets the training loader through it.
+    ``overfit_batches`` the training order is not shuffled (Lightning's rule).
 
     Args:
         data_dir: where torchvision's layout (``FashionMNIST/raw``) lives or is made.
@@ -200,10 +199,8 @@ class FashionMNISTDataModule(L.LightningDataModule):
                            epoch_of=(lambda: trainer.current_epoch) if train and trainer is not None else None,
                            augment=self.augment if train else None)
 
-    def train_dataloader(self) -> object:
-        loader = self._loader("train")
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        return module.train_batches(loader) if hasattr(module, "train_batches") else loader
+    def train_dataloader(self) -> BatchLoader:
+        return self._loader("train")
 
     def val_dataloader(self) -> BatchLoader:
         return self._loader("val")

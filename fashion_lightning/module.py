@@ -1,4 +1,4 @@
-"""LightningModules: the shared training logic and the tutorial's two models."""
+"""`ImageClassifier`: a LightningModule that trains any logits network on Fashion-MNIST, as Lightning's docs write one."""
 
 from __future__ import annotations
 
@@ -14,15 +14,12 @@ from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from fashion_lightning.data import CLASS_NAMES
-from fashion_lightning.errors import UserError, check_positive_int
-from fashion_lightning.fast import FastLoop
-from fashion_lightning.models import ConvNet, DenseNet, keras_init_, summary
+from fashion_lightning.errors import UserError
+from fashion_lightning.models import keras_init_, summary
 
 SCHEDULES = ("constant", "onecycle", "cosine")
 CHECKPOINT_KEY = "fashion_lightning_class"
 """Checkpoint entry naming the module's class, so that a checkpoint alone rebuilds its model."""
-STEPS_KEY = "fashion_lightning_steps"
-"""Checkpoint entry saying how the fit counted its steps (textbook, or the fast loop's batches per step)."""
 Batch = tuple[Tensor, Tensor]
 
 
@@ -48,11 +45,6 @@ class ImageClassifier(L.LightningModule):
     reports them), plus ``val/acc_best``. Use a subclass (`CNN`, `DenseBaseline`), which saves its
     hyperparameters for ``load_from_checkpoint``.
 
-    ``fast=True`` is the speed option (`fashion_lightning.fast`): on a single device, each training step takes
-    ``batches_per_step`` batches, one optimizer step each, through fused CPU kernels where they apply. The same
-    math; what it cannot honour (gradient clipping, accumulation, backward and optimizer-step hooks, ...) is
-    refused when training starts, and under DDP it steps aside to the textbook path.
-
     Args:
         net: the network, (N, 1, 28, 28) -> (N, 10) logits.
         lr: Adam's learning rate (the peak rate with the ``onecycle`` schedule).
@@ -69,15 +61,12 @@ class ImageClassifier(L.LightningModule):
             its left-right mirror.
         keras_init: glorot-uniform weights and zero biases, as Keras initialises.
         compile: run the network through ``torch.compile``.
-        fast: the speed option (see above).
-        batches_per_step: with ``fast``, the batches one training step takes.
     """
 
     def __init__(self, net: nn.Module, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, decoupled_weight_decay: bool = False, schedule: str = "constant",
                  warmup: float = 0.0, label_smoothing: float = 0.0, eval_flip: bool = False,
-                 keras_init: bool = False, compile: bool = False, fast: bool = False,
-                 batches_per_step: int = 64) -> None:
+                 keras_init: bool = False, compile: bool = False) -> None:
         super().__init__()
         for name, value in (("lr", lr), ("eps", eps)):
             if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
@@ -91,7 +80,6 @@ class ImageClassifier(L.LightningModule):
             raise UserError(f"model.betas must be two numbers in [0, 1), got {pair or betas!r}")
         if schedule not in SCHEDULES:
             raise UserError(f"model.schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
-        check_positive_int("model.batches_per_step", batches_per_step)
         self.save_hyperparameters(ignore=["net"])
         self.net = keras_init_(net) if keras_init else net
         self.example_input_array = torch.zeros(1, 1, 28, 28)  # the model summary's shapes and FLOPs
@@ -103,41 +91,16 @@ class ImageClassifier(L.LightningModule):
         self.val_acc_best = MaxMetric()
         for metric in (self.train_acc, self.train_loss, self.val_acc_best):
             metric.persistent(True)  # a mid-epoch checkpoint resumes the running means and the best so far
-        self.fast_loop = FastLoop(batches_per_step, ImageClassifier) if fast else None
-
-    @property
-    def fast_engaged(self) -> bool:
-        """Whether the fast loop runs the fit of the trainer now attached (it engages in ``setup("fit")``)."""
-        fast_loop = getattr(self, "fast_loop", None)
-        if fast_loop is None or fast_loop.trainer is None:
-            return False
-        try:
-            return fast_loop.trainer is self.trainer
-        except RuntimeError:  # not attached to a trainer
-            return False
-
-    @property
-    def automatic_optimization(self) -> bool:
-        """Lightning's switch: False only while the fast loop trains (it steps the optimizer itself)."""
-        return L.LightningModule.automatic_optimization.fget(self) and not self.fast_engaged
-
-    @automatic_optimization.setter
-    def automatic_optimization(self, value: bool) -> None:
-        L.LightningModule.automatic_optimization.fset(self, value)
 
     def forward(self, x: Tensor) -> Tensor:
         """Images (N, 1, 28, 28) -> logits (N, 10)."""
         return self.net(x)
 
-    def _logits(self, x: Tensor) -> Tensor:
-        """``self(x)``; with ``fast``, through the fused kernels where they compute exactly that."""
-        return self(x) if self.fast_loop is None else self.fast_loop.logits(self, x)
-
     def evaluate(self, x: Tensor) -> Tensor:
         """The logits validation, test and prediction use: ``self(x)``, averaged with those of the mirrored images
         when ``eval_flip``."""
-        logits = self._logits(x)
-        return (logits + self._logits(x.flip(3))) / 2 if self.hparams.get("eval_flip") else logits
+        logits = self(x)
+        return (logits + self(x.flip(3))) / 2 if self.hparams.get("eval_flip") else logits
 
     def training_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         """Cross entropy, with ``label_smoothing``."""
@@ -146,17 +109,6 @@ class ImageClassifier(L.LightningModule):
     def setup(self, stage: str) -> None:
         if self.hparams.compile:
             self.net.compile()
-        if stage == "fit" and self.fast_loop is not None:
-            self.fast_loop.setup(self)  # engages for this fit, or steps aside (DDP)
-
-    def on_train_start(self) -> None:
-        if self.fast_engaged:
-            self.fast_loop.on_train_start(self)  # refuses what it cannot honour
-
-    def train_batches(self, loader: Any) -> Any:
-        """The training loader as this module's training steps read it: with the fast loop, lists of batches.
-        `FashionMNISTDataModule` passes its training loader through this."""
-        return self.fast_loop.train_batches(loader, self.trainer) if self.fast_engaged else loader
 
     def update_metrics(self, split: str, logits: Tensor, labels: Tensor, loss: Tensor, weight: Tensor | int) -> None:
         """Accumulate ``split``'s accuracy and mean loss (``loss`` a batch mean of ``weight`` samples; or one per
@@ -164,9 +116,7 @@ class ImageClassifier(L.LightningModule):
         getattr(self, f"{split}_acc").update(logits.detach(), labels)
         getattr(self, f"{split}_loss").update(loss.detach(), weight)
 
-    def training_step(self, batch: Batch, batch_idx: int) -> Tensor | None:
-        if self.fast_engaged:
-            return self.fast_loop.training_step(self, batch, batch_idx)  # steps the optimizer itself
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         x, y = batch
         logits = self(x)
         loss = self.training_loss(logits, y)
@@ -227,7 +177,7 @@ class ImageClassifier(L.LightningModule):
                                      fused=not self._gradients_scaled() or None)
         if hp.schedule == "constant":
             return optimizer
-        total = self._total_steps()
+        total = self.total_optimizer_steps()
         if hp.schedule == "onecycle":
             scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=hp.lr, total_steps=total)
         else:
@@ -243,61 +193,17 @@ class ImageClassifier(L.LightningModule):
         except RuntimeError:  # not attached to a trainer
             return False
 
-    def _total_steps(self) -> int:
-        """Optimizer steps in the whole fit (``trainer.estimated_stepping_batches``)."""
+    def total_optimizer_steps(self) -> int:
+        """Optimizer steps in the whole fit, which the schedules span (``trainer.estimated_stepping_batches``)."""
         trainer = self.trainer
         if trainer.max_epochs == -1 and trainer.max_steps == -1:
-            raise UserError("model.schedule=onecycle needs a finite run: set trainer.max_epochs or trainer.max_steps")
-        return int(self.fast_loop.optimizer_steps(trainer) if self.fast_engaged else trainer.estimated_stepping_batches)
+            raise UserError(f"model.schedule={self.hparams.schedule} needs a finite run: set trainer.max_epochs or "
+                            "trainer.max_steps")
+        return int(trainer.estimated_stepping_batches)
 
     def summary(self) -> str:
         """A Keras-like table of the network's layers, output shapes and parameter counts."""
         return summary(self.net)
 
-    def _step_counting(self) -> str:
-        return f"fast, {self.fast_loop.batches_per_step} batches per step" if self.fast_engaged else "textbook"
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_KEY] = f"{type(self).__module__}:{type(self).__qualname__}"
-        checkpoint[STEPS_KEY] = self._step_counting()
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """A fit resumes only a checkpoint whose steps were counted the same way (Lightning keeps separate
-        counters for automatic and manual optimization, and a mid-epoch position counts training steps)."""
-        try:
-            fitting = self.trainer.state.fn == "fit"
-        except RuntimeError:  # not attached to a trainer: load_from_checkpoint
-            fitting = False
-        if not fitting:
-            return
-        saved, ours = checkpoint.get(STEPS_KEY, "an older fashion_lightning's way"), self._step_counting()
-        if saved != ours:
-            raise UserError(f"this checkpoint was trained {saved}, this fit runs {ours}; resume it with the option it "
-                            "was written with (fast / batches_per_step, speed=...), or load its weights into a new run")
-
-
-class CNN(ImageClassifier):
-    """The tutorial's CNN (`ConvNet`) as a LightningModule; 804,554 parameters with the defaults.
-
-    Args:
-        filters: convolution filters.
-        kernel_size: convolution kernel size (any size keeps the 28x28 map).
-        hidden: width of the hidden dense layer.
-        **optim: `ImageClassifier`'s optimizer, init and speed settings (lr, betas, eps, ..., fast).
-    """
-
-    def __init__(self, filters: int = 32, kernel_size: int = 3, hidden: int = 128, **optim: Any) -> None:
-        super().__init__(ConvNet(filters, kernel_size, hidden), **optim)
-
-
-class DenseBaseline(ImageClassifier):
-    """The tutorial's dense baseline (`DenseNet`) as a LightningModule; 29,898 parameters with the defaults.
-
-    Args:
-        hidden1: width of the first per-row dense layer.
-        hidden2: width of the second per-row dense layer.
-        **optim: `ImageClassifier`'s optimizer, init and speed settings (lr, betas, eps, ..., fast).
-    """
-
-    def __init__(self, hidden1: int = 128, hidden2: int = 64, **optim: Any) -> None:
-        super().__init__(DenseNet(hidden1, hidden2), **optim)

@@ -98,7 +98,7 @@ def read_epoch_metrics(metrics_csv: Path) -> dict[str, list[tuple[int, float]]]:
         for row in csv.DictReader(f):
             for key, value in row.items():
                 if key.startswith(("train/", "val/")) and value not in ("", None):
-                    series.setdefault(key, []).append((int(row["epoch"]), float(value)))
+                    series.setdefault(key, []).append((int(float(row["epoch"])), float(value)))
     return series
 
 

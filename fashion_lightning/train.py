@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -16,16 +15,16 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig, ListConfig
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from omegaconf import DictConfig
 
+from fashion_lightning.app import CONFIG_DIR, as_list, reported_as_one_line, skip_collection_at_exit, write_json, write_text  # noqa: F401  TEMP re-exports
 from fashion_lightning.callbacks import EpochTimer
 from fashion_lightning.checkpoint import check_compatible, check_same_data, read_checkpoint
-from fashion_lightning.errors import UserError, is_seed, reported_as_one_line
+from fashion_lightning.errors import UserError, check_positive_int, is_seed
+from fashion_lightning.fast.grouped import GroupedDataModule, StepsRestored, grouped
 from fashion_lightning.module import ImageClassifier
-from fashion_lightning.startup import skip_collection_at_exit
 
-CONFIG_DIR = str(next(p for p in (Path(__file__).parent / "conf", Path(__file__).parents[1] / "conf") if p.is_dir()))
-"""The shipped configs: inside the installed package, or ``conf/`` at the top of a source checkout."""
 log = logging.getLogger(__name__)
 
 
@@ -56,24 +55,12 @@ def resolve_ckpt_path(ckpt_path: str | None, output_root: str | os.PathLike) -> 
     return str(max(found, key=lambda p: p.stat().st_mtime))
 
 
-def write_text(path: Path, text: str) -> None:
-    """Write a text file atomically: readers see the old file or the whole new one, never half of it."""
-    partial = path.with_name(path.name + ".partial")
-    try:
-        partial.write_text(text)
-        partial.replace(path)
-    finally:
-        partial.unlink(missing_ok=True)
-
-
-def write_json(path: Path, data: Any) -> None:
-    """`write_text` of ``data`` as indented JSON."""
-    write_text(path, json.dumps(data, indent=2) + "\n")
-
-
-def as_list(value: Any) -> list[str]:
-    """A config value given as a list or as one item (``runs=outputs`` as well as ``runs=[a,b]``), as strings."""
-    return [str(v) for v in value] if isinstance(value, ListConfig | list) else [str(value)]
+def build_model(model_cfg: DictConfig, steps_per_execution: int = 1) -> ImageClassifier:
+    """``model_cfg``'s LightningModule; with ``steps_per_execution`` > 1 its grouped-steps class (`fast.grouped`)."""
+    if steps_per_execution == 1:
+        return instantiate(model_cfg)
+    build = instantiate(model_cfg, _partial_=True)
+    return grouped(build.func)(*build.args, **build.keywords)
 
 
 def _overrides() -> list[str]:
@@ -99,17 +86,29 @@ def train(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict[str, An
     if cfg.test_ckpt == "best" and cfg.get("test", True) and getattr(datamodule, "num_val", None) == 0:
         raise UserError("data.val_split=0 validates on the test set, so test_ckpt=best would choose the epoch by its "
                         "test accuracy and report that same accuracy; set test_ckpt=last (as the seed experiments do)")
-    model: ImageClassifier = instantiate(cfg.model)
+    steps = check_positive_int("steps_per_execution", cfg.get("steps_per_execution", 1))
+    model, fit_data = build_model(cfg.model, steps), GroupedDataModule(datamodule, steps) if steps > 1 else datamodule
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.output_root)
     if ckpt_path:
         checkpoint = read_checkpoint(ckpt_path)
         check_compatible(checkpoint, model, ckpt_path)
         check_same_data(checkpoint, datamodule, ckpt_path)
     callbacks = [*(instantiate(c) for c in (cfg.get("callbacks") or {}).values()), *callbacks]
+    if steps == 1:  # grouped models add their own
+        callbacks.append(StepsRestored())
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        with warnings.catch_warnings():
+            if steps > 1:  # Lightning compares log_every_n_steps with groups; grouped steps log each batch's loss
+                warnings.filterwarnings("ignore", message="The number of training batches .* logging interval")
+            trainer.fit(model, datamodule=fit_data, ckpt_path=ckpt_path)
+    except MisconfigurationException as err:  # Lightning's refusals of manual optimization
+        if steps == 1 or "manual optimization" not in str(err):
+            raise
+        raise UserError(f"{str(err).strip()} (steps_per_execution={steps} trains with Lightning's manual "
+                        "optimization); set steps_per_execution=1 (speed=fused keeps the fused kernels)") from err
     fit_metrics = {k.replace("/", "_"): float(v) for k, v in trainer.callback_metrics.items() if "/" in k}
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     test_ckpt = best if cfg.test_ckpt == "best" and best else None

@@ -16,10 +16,8 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from fashion_lightning import FashionMNISTDataModule
-from fashion_lightning.errors import reported_as_one_line
-from fashion_lightning.fast import kernels, private
+from fashion_lightning.app import CONFIG_DIR, reported_as_one_line
 from fashion_lightning.files import ensure_raw_files
-from fashion_lightning.train import CONFIG_DIR
 
 N_TRAIN, N_TEST = 60_000, 10_000
 
@@ -143,8 +141,6 @@ def fit_model(model: L.LightningModule, data_dir: Path, tmp_path: Path, callback
 class SaveWeightsAtEnd(L.Callback):
     """Saves each rank's final weights to ``<dirpath>/rank<global rank>.pt`` (the DDP tests compare them)."""
 
-    takes_batch_lists = True
-
     def __init__(self, dirpath: str) -> None:
         self.dirpath = Path(dirpath)
 
@@ -152,14 +148,6 @@ class SaveWeightsAtEnd(L.Callback):
         self.dirpath.mkdir(parents=True, exist_ok=True)
         torch.save({k: v.detach().cpu() for k, v in pl_module.net.state_dict().items()},
                    self.dirpath / f"rank{trainer.global_rank}.pt")
-
-
-@pytest.fixture(params=[False, pytest.param(True, marks=pytest.mark.skipif(
-    not private.ONEDNN_LINEAR, reason="this torch has no oneDNN fused linear"))], ids=["mkl", "onednn"])
-def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
-    """Both GEMM backends of the fast kernels (`kernels.linear`), whichever this CPU would pick."""
-    monkeypatch.setattr(kernels, "ONEDNN", request.param)
-    return request.param
 
 
 @pytest.fixture(scope="session")

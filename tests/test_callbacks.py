@@ -1,10 +1,9 @@
-"""The app's own Lightning callbacks: the progress bar counts batches, whatever a training step holds; the weights'
-moving average is what validation, checkpoints and the test evaluate."""
+"""The app's own Lightning callbacks: the weights' moving average is what validation, checkpoints and the test
+evaluate; an interrupted fit saves where it stood; the best checkpoint's record survives a resume."""
 
 from __future__ import annotations
 
 import itertools
-import math
 from pathlib import Path
 
 import lightning as L
@@ -13,37 +12,10 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from conftest import N_TRAIN, compose_train, fit_model, quick_overrides
-from fashion_lightning import CNN, DenseBaseline, FashionMNISTDataModule, UserError
-from fashion_lightning.callbacks import EMA, BatchProgressBar, BestCheckpoint, SaveOnInterrupt
+from conftest import compose_train, fit_model, quick_overrides
+from fashion_lightning import CNN, DenseBaseline, FashionMNISTDataModule
+from fashion_lightning.callbacks import EMA, BestCheckpoint, SaveOnInterrupt
 from fashion_lightning.train import train
-
-EPOCH = math.ceil((N_TRAIN - 5000) / 32)  # batches of 32 in an epoch after the default 5000 validation images
-
-
-@pytest.mark.parametrize(("fast", "per_step", "limit", "total"), [(False, 64, 5, 5), (True, 4, 10, 10),
-                                                                  (True, 64, None, EPOCH)])
-def test_progress_bar_counts_batches(fast: bool, per_step: int, limit: int | None, total: int, data_dir: Path,
-                                     tmp_path: Path) -> None:
-    bar = BatchProgressBar(refresh_rate=1)
-    seen: list[tuple[int, int]] = []
-    record = lambda self, t, *args: seen.append((bar.train_progress_bar.n, bar.train_progress_bar.total))  # noqa: E731
-    spy = type("Spy", (L.Callback,), {"takes_batch_lists": True, "on_train_batch_end": record})()
-    fit_model(DenseBaseline(fast=fast, batches_per_step=per_step), data_dir, tmp_path, callbacks=(bar, spy),
-              max_epochs=1, limit_train_batches=limit, enable_progress_bar=True)
-    steps = math.ceil(total / per_step) if fast else total  # the last step of an epoch takes the remaining batches
-    step = per_step if fast else 1
-    assert seen == [(min((i + 1) * step, total), total) for i in range(steps)]
-
-
-def test_progress_bar_refreshes_every_refresh_rate_batches(data_dir: Path, tmp_path: Path) -> None:
-    bar = BatchProgressBar(refresh_rate=4)
-    seen: list[int] = []
-    spy = type("Spy", (L.Callback,), {"on_train_batch_end": lambda self, t, *args: seen.append(
-        bar.train_progress_bar.n)})()
-    fit_model(DenseBaseline(), data_dir, tmp_path, callbacks=(bar, spy), max_epochs=1, limit_train_batches=10,
-              enable_progress_bar=True)
-    assert seen == [0, 0, 0, 4, 4, 4, 4, 8, 8, 10]  # every 4 batches and at the end
 
 
 def test_ema_weights_are_validated_checkpointed_and_tested(data_dir: Path, tmp_path: Path) -> None:
@@ -84,17 +56,14 @@ def test_a_validation_after_the_fit_evaluates_the_checkpoint_it_loads(data_dir: 
         assert metrics["val/loss"] == pytest.approx(float(F.cross_entropy(model(x), y)), rel=1e-5)
 
 
-def test_the_fast_option_keeps_ema_exact_one_batch_a_step_and_refuses_more(data_dir: Path, tmp_path: Path) -> None:
+def test_the_fused_cnn_averages_as_the_plain_one(data_dir: Path, tmp_path: Path) -> None:
     weights = []
     for fast in (False, True):
         torch.manual_seed(0)
-        model = CNN(fast=fast, batches_per_step=1)
+        model = CNN(fast=fast)
         fit_model(model, data_dir, tmp_path, callbacks=(EMA(decay=0.8),), max_steps=6)
         weights.append(model.net.out.weight.detach())  # the average, copied in when training ends
     torch.testing.assert_close(weights[0], weights[1], rtol=1e-4, atol=1e-6)
-    with pytest.raises(UserError, match="callback EMA, which reads each training batch, while a training step here "
-                                        "holds 64 batches; set batches_per_step=1"):
-        fit_model(CNN(fast=True, batches_per_step=64), data_dir, tmp_path, callbacks=(EMA(),), max_steps=6)
 
 
 class CrashInTest(L.Callback):

@@ -25,7 +25,19 @@ import sys
 import lightning as L
 from conftest import SaveWeightsAtEnd
 from fashion_lightning import CNN, DenseBaseline, FashionMNISTDataModule
+from fashion_lightning.fast import kernels, networks
 
+calls = []
+
+
+class Counted(kernels.ConvPoolReLU):
+    @staticmethod
+    def forward(ctx, *args):
+        calls.append(1)
+        return kernels.ConvPoolReLU.forward(ctx, *args)
+
+
+networks.ConvPoolReLU = Counted
 data_dir, out, model = sys.argv[1:4]
 L.seed_everything(0)
 module = CNN(fast=True) if model == "cnn-fast" else DenseBaseline()
@@ -33,7 +45,8 @@ trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=6, l
                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                     callbacks=[SaveWeightsAtEnd(out)])
 trainer.fit(module, datamodule=FashionMNISTDataModule(data_dir=data_dir, download=False, batch_size=16))
-print("automatic optimization:", module.automatic_optimization, "global step:", trainer.global_step)
+sys.stdout.write(f"automatic optimization: {module.automatic_optimization} global step: {trainer.global_step} "
+                 f"network: {type(module.net).__name__} kernel calls: {len(calls) > 0}\\n")  # one write per rank
 """
 
 
@@ -83,7 +96,10 @@ def assert_synchronised_and_single_process(ranks: tuple[dict, dict], single: dic
 def test_ddp_through_the_python_api_averages_gradients(model: str, data_dir: Path, tmp_path: Path) -> None:
     (tmp_path / "ddp_script.py").write_text(textwrap.dedent(SCRIPT))
     done = run(sys.executable, "ddp_script.py", str(data_dir), str(tmp_path / "ranks"), model, cwd=tmp_path)
-    assert "automatic optimization: True global step: 6" in done.stdout  # fast=True stepped aside under DDP
+    fused = model == "cnn-fast"
+    line = (f"automatic optimization: True global step: 6 network: {'FastConvNet' if fused else 'DenseNet'} "
+            f"kernel calls: {fused}")
+    assert done.stdout.count(line) == 2, done.stdout  # both ranks ran the fused kernels (or neither, the dense net)
     torch.manual_seed(0)
     single = CNN() if model == "cnn-fast" else DenseBaseline()
     fit_model(single, data_dir, tmp_path, max_steps=6, data={"batch_size": 32})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import shutil
 from pathlib import Path
 
@@ -11,9 +12,26 @@ import pytest
 
 from conftest import N_TEST, N_TRAIN, write_idx
 from fashion_lightning import FashionMNISTDataModule, UserError
-from fashion_lightning.files import ensure_raw_files
+from fashion_lightning import files
+from fashion_lightning.files import ensure_raw_files, load_split
 
 RAW = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def add_noise(path: Path) -> None:
+    """Overwrite everything after the IDX header of ``path`` with noise: header and size stay valid."""
+    header = 16 if "idx3" in path.name else 8
+    with open(path, "r+b") as f:
+        f.seek(header)
+        f.write(np.random.default_rng(0).integers(0, 256, path.stat().st_size - header, dtype=np.uint8).tobytes())
+
+
+def count_hashing(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the files `files` hashes from now on, in order."""
+    hashed: list[str] = []
+    sha256 = files._sha256
+    monkeypatch.setattr(files, "_sha256", lambda path: hashed.append(path.name) or sha256(path))
+    return hashed
 
 
 def copy_source(fmnist_source: Path, tmp_path: Path) -> Path:
@@ -115,3 +133,54 @@ def test_unwritable_data_dir(fmnist_source: Path, tmp_path: Path) -> None:
     blocker.write_text("a file, not a folder")
     with pytest.raises(UserError, match="is not writable"):
         ensure_raw_files(blocker / "data", str(fmnist_source), download=False)
+
+
+def test_noise_after_an_intact_header_is_named(data_dir: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "data"
+    shutil.copytree(data_dir, copy)
+    images = copy / "FashionMNIST" / "raw" / "train-images-idx3-ubyte"
+    add_noise(images)
+    with pytest.raises(UserError) as info:
+        FashionMNISTDataModule(data_dir=str(copy), download=False).setup()
+    message = str(info.value)
+    assert message.startswith(f"{images}: content does not match") and "delete it" in message and "\n" not in message
+
+
+def test_a_layout_put_there_by_hand_must_be_the_original(data_dir: Path, tmp_path: Path) -> None:
+    raw = tmp_path / "data" / "FashionMNIST" / "raw"
+    shutil.copytree(data_dir / "FashionMNIST" / "raw", raw)  # the synthetic files, without the record of extraction
+    with pytest.raises(UserError, match="train-images-idx3-ubyte: content does not match the original Fashion-MNIST"):
+        ensure_raw_files(tmp_path / "data", None, download=False)
+
+
+def test_verification_is_cached_until_a_file_changes(fmnist_source: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    hashed = count_hashing(monkeypatch)
+    data = tmp_path / "data"
+    ensure_raw_files(data, str(fmnist_source), download=False)  # hashes while extracting, not afterwards
+    ensure_raw_files(data, str(fmnist_source), download=False)
+    load_split(data, train=False)
+    assert hashed == []
+    labels = data / "FashionMNIST" / "raw" / "t10k-labels-idx1-ubyte"
+    stat = labels.stat()
+    os.utime(labels, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    ensure_raw_files(data, str(fmnist_source), download=False)  # same content, new time: hashed once, accepted
+    ensure_raw_files(data, str(fmnist_source), download=False)
+    assert hashed == ["t10k-labels-idx1-ubyte"]
+
+
+def test_the_debian_folder_must_hold_the_originals(fmnist_source: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(files, "DEFAULT_SOURCE_DIR", str(fmnist_source))  # synthetic files where Debian's belong
+    with pytest.raises(UserError, match="train-images-idx3-ubyte.gz: content does not match the original .*reinstall"):
+        ensure_raw_files(tmp_path / "data", None, download=False)
+    raw = tmp_path / "data" / "FashionMNIST" / "raw"
+    assert not (raw / "train-images-idx3-ubyte").exists() and not list(raw.glob("*.partial"))
+
+
+def test_a_killed_extraction_leaves_no_partial_file_behind(fmnist_source: Path, tmp_path: Path) -> None:
+    raw = tmp_path / "data" / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    (raw / "train-images-idx3-ubyte.1234.partial").write_bytes(b"left by a killed run")
+    ensure_raw_files(tmp_path / "data", str(fmnist_source), download=False)
+    assert sorted(p.name for p in raw.iterdir()) == sorted(RAW)

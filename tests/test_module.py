@@ -81,7 +81,6 @@ def test_onecycle_runs_to_its_end_over_the_fit(data_dir: Path, tmp_path: Path) -
     ({"warmup": 1.0}, r"model.warmup must be a number in \[0, 1.0\), got 1.0"),
     ({"label_smoothing": -0.1}, r"model.label_smoothing must be a number in \[0, 1.0\), got -0.1"),
     ({"weight_decay": -1}, r"model.weight_decay must be a number in \[0, inf\), got -1"),
-    ({"batches_per_step": 0}, "model.batches_per_step must be a positive integer, got 0"),
     ({"betas": (0.9, 1.0)}, r"model.betas must be two numbers in \[0, 1\), got \[0.9, 1.0\]"),
     ({"betas": [0.9]}, r"model.betas must be two numbers in \[0, 1\), got \[0.9\]"),
     ({"betas": 0.9}, r"model.betas must be two numbers in \[0, 1\), got 0.9"),
@@ -304,8 +303,6 @@ def test_gradient_clipping_clips_under_a_gradient_scaler(data_dir: Path, tmp_pat
 class LearningRates(L.Callback):
     """Records the learning rate each training step runs with."""
 
-    takes_batch_lists = True
-
     def __init__(self) -> None:
         self.rates: list[float] = []
 
@@ -325,11 +322,11 @@ def test_cosine_warms_up_linearly_then_decays_to_zero(data_dir: Path, tmp_path: 
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
 
 
-def test_the_fast_option_steps_the_cosine_schedule_alike(data_dir: Path, tmp_path: Path) -> None:
+def test_the_fused_cnn_steps_the_cosine_schedule_alike(data_dir: Path, tmp_path: Path) -> None:
     finals = []
     for fast in (False, True):
         torch.manual_seed(0)
-        model = CNN(schedule="cosine", warmup=0.1, lr=0.01, fast=fast, batches_per_step=4)
+        model = CNN(schedule="cosine", warmup=0.1, lr=0.01, fast=fast)
         trainer = fit_model(model, data_dir, tmp_path, max_epochs=2, limit_train_batches=8)
         scheduler = trainer.lr_scheduler_configs[0].scheduler
         finals.append((scheduler.last_epoch, trainer.optimizers[0].param_groups[0]["lr"], model.net.out.weight))
@@ -357,12 +354,12 @@ def test_decoupled_weight_decay_shrinks_the_weights_as_adamw() -> None:
 def test_label_smoothing_changes_the_training_loss_as_cross_entropy_does(fast: bool, data_dir: Path,
                                                                          tmp_path: Path) -> None:
     torch.manual_seed(0)
-    model = CNN(label_smoothing=0.2, fast=fast, batches_per_step=1)
+    model = CNN(label_smoothing=0.2, fast=fast)
     initial = CNN()
     initial.load_state_dict(model.state_dict())
     dm = FashionMNISTDataModule(data_dir=str(data_dir), download=False, seed=0)
     seen = []
-    spy = type("Spy", (L.Callback,), {"takes_batch_lists": True, "on_train_batch_start":
+    spy = type("Spy", (L.Callback,), {"on_train_batch_start":
                                        lambda self, trainer, module, batch, i: seen.append(batch)})()
     trainer = L.Trainer(max_steps=1, limit_val_batches=1, num_sanity_val_steps=0, logger=False, callbacks=[spy],
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

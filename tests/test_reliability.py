@@ -15,19 +15,18 @@ import pytest
 import torch
 
 from conftest import compose_train, one_line_error, quick_overrides
-from fashion_lightning.errors import reported_as_one_line
+from fashion_lightning.app import reported_as_one_line
 from fashion_lightning.train import train
 
 
 class SignalAt(L.Callback):
-    """Sends a real signal to this process (or raises) when training reaches ``step``: a known interruption."""
-
-    takes_batch_lists = True  # it reads the step count, not the batch
+    """Sends a real signal to this process (or raises) when training reaches ``step``, before that step's backward
+    (in a group of batches too): a known interruption."""
 
     def __init__(self, step: int, signum: int = 0) -> None:
         self.step, self.signum = step, signum
 
-    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+    def on_before_backward(self, trainer: L.Trainer, *args: Any) -> None:
         if trainer.global_step == self.step:
             if self.signum:
                 os.kill(os.getpid(), self.signum)  # lands mid-step, as a Ctrl-C would
@@ -37,7 +36,7 @@ class SignalAt(L.Callback):
 
 def run_overrides(data_dir: Path, out: Path, *extra: str) -> list[str]:
     base = [o for o in quick_overrides(data_dir, out) if "limit_train_batches" not in o and "max_epochs" not in o]
-    return [*base, "trainer.max_epochs=2", "model.batches_per_step=3", "+trainer.limit_train_batches=24",
+    return [*base, "trainer.max_epochs=2", "steps_per_execution=3", "+trainer.limit_train_batches=24",
             "trainer.deterministic=true",
             "test_ckpt=last", "seed=3", *extra]
 
@@ -148,8 +147,6 @@ def test_a_resume_from_an_epochs_last_step_starts_the_next_epochs_means_afresh(d
 
 class CrashInside(L.Callback):
     """Raises inside the training step at ``step``, in the forward pass of the network's last layer."""
-
-    takes_batch_lists = True
 
     def __init__(self, step: int) -> None:
         self.step, self.armed = step, True

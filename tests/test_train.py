@@ -87,12 +87,21 @@ def test_train_returns_metrics_and_writes_a_reloadable_run(model: str, data_dir:
     assert any(row["val/acc"] for row in rows) and any(row["train/acc"] for row in rows)
 
 
-@pytest.mark.parametrize("speed", ["fast", "reference"])
-def test_the_speed_group_switches_the_fast_option(speed: str, data_dir: Path, tmp_path: Path) -> None:
-    cfg = compose_train(f"speed={speed}", *quick_overrides(data_dir, tmp_path / "run"))
-    assert cfg.model.fast == (speed == "fast") and compose_train().model.fast  # the app's default: fast
+SPEEDS = {"fast": (True, 64), "fused": (True, 1), "reference": (False, 1)}
+
+
+@pytest.mark.parametrize("speed", sorted(SPEEDS))
+@pytest.mark.parametrize("model", ["cnn", "dense"])
+def test_the_speed_group_picks_the_network_and_the_steps_per_execution(speed: str, model: str, data_dir: Path,
+                                                                       tmp_path: Path) -> None:
+    cfg = compose_train(f"speed={speed}", f"model={model}", *quick_overrides(data_dir, tmp_path / "run"))
+    fused, steps = SPEEDS[speed]
+    assert cfg.steps_per_execution == steps and cfg.get("model").get("fast", False) == (fused and model == "cnn")
+    assert compose_train().steps_per_execution == 64  # the app's default: speed=fast
     results = train(cfg)
     assert results["steps"] == 20 and results["val_acc_best"] > 0.3
+    reloaded = load_model(tmp_path / "run" / "checkpoints" / "best.ckpt")  # the plain class, whatever the speed
+    assert type(reloaded) is (CNN if model == "cnn" else DenseBaseline)
 
 
 def test_a_run_logs_to_train_log_without_lightnings_tips(data_dir: Path, tmp_path: Path) -> None:
@@ -171,8 +180,8 @@ def test_sweep_preset_selects_the_kernel_sizes() -> None:
     (["no_such_key=1"], "Could not override 'no_such_key'"),
     (["model.kernel_size=three"], "error: model.kernel_size must be a positive integer, got 'three'"),
     (["paths.output_root=blocker/outs"], "error: paths.output_root='blocker/outs' is not writable"),
-    (["+trainer.gradient_clip_val=1.0"], "error: fast=True cannot honour Trainer(gradient_clip_val=1.0); use the "
-                                         "textbook path: fast=False (speed=reference in the app)"),
+    (["+trainer.gradient_clip_val=1.0"], "(steps_per_execution=64 trains with Lightning's manual optimization); set "
+                                         "steps_per_execution=1"),
 ])
 def test_cli_bad_input_is_one_clear_error(args: list[str], message: str, data_dir: Path, tmp_path: Path) -> None:
     (tmp_path / "blocker").write_text("a file where a folder should be")
@@ -196,7 +205,7 @@ def test_cli_bad_input_is_one_clear_error(args: list[str], message: str, data_di
     (["data.val_split=60000"], "data.val_split must be 0 (validate on the test set)"),
     (["data.val_split=1.0"], "data.val_split must be 0 (validate on the test set), a count in 1..59999 or a fraction "
                              "in (0, 1), got 1.0"),
-    (["model.batches_per_step=0"], "model.batches_per_step must be a positive integer, got 0"),
+    (["steps_per_execution=0"], "steps_per_execution must be a positive integer, got 0"),
     (["ckpt_path=missing.ckpt"], "ckpt_path='missing.ckpt' does not exist"),
     (["ckpt_path=last"], "ckpt_path=last but no interrupted.ckpt or last.ckpt exists under"),
     (["paths.data_dir=blocker/data"], "is not writable"),
@@ -219,7 +228,7 @@ def test_bad_settings_are_one_clear_error(args: list[str], message: str, tmp_pat
 def test_help_lists_groups_and_options(tmp_path: Path) -> None:
     done = run_cli("--help", cwd=tmp_path)
     assert done.returncode == 0
-    for line in ("model: cnn, dense", "speed: fast, reference", "trainer: cpu, ddp, ddp_cpu, default, gpu",
+    for line in ("model: cnn, dense", "speed: fast, fused, reference", "trainer: cpu, ddp, ddp_cpu, default, gpu",
                  "experiment: best_cnn, best_dense, fast_cnn, seed_cnn, seed_dense", "callbacks: default, ema",
                  "sweep: kernel_size", "logger: csv, tensorboard"):
         assert line in done.stdout

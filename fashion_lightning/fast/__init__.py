@@ -1,18 +1,11 @@
-"""The fast option: everything that exists only for speed, behind one switch, ``ImageClassifier(fast=True)``
-(``speed=fast`` in the app).
+"""Speed, apart from the textbook code: networks with fused CPU kernels, and grouped training steps.
 
-- `loop`: several batches per Lightning training step, each one optimizer step; refuses at fit start what it
-  cannot honour, steps aside (to the textbook path) under DDP;
-- `networks` and `kernels`: fused CPU kernels standing in for the unmodified tutorial networks, with the same
-  outputs and gradients, and the dense net's loss and gradients written out without autograd;
-- `batches`: the lists of batches; `runtime`: process-wide allocator and NVML settings;
-- `private`: every private torch and Lightning API these use, each checked, with its fallback.
-
-The textbook files (`models`, `module`, `data`) never need any of it to be right.
+- `networks`: `FastConvNet`, the tutorial's CNN computing the same function through the fused kernels of `kernels`
+  (``CNN(fast=True)``): plain autograd, so every Lightning feature works with it;
+- `grouped`: several batches per Lightning training step, one optimizer step each, the way Keras has
+  ``steps_per_execution`` (the app's ``steps_per_execution``; ``speed=fast`` sets 64).
 """
 
-from fashion_lightning.fast.batches import GroupedBatches
-from fashion_lightning.fast.loop import FastLoop
-from fashion_lightning.fast.runtime import tune_process
+from fashion_lightning.fast.networks import FastConvNet
 
-__all__ = ["FastLoop", "GroupedBatches", "tune_process"]
+__all__ = ["FastConvNet"]

@@ -11,45 +11,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fashion_lightning.fast import private
-
-AVX512 = "AVX512" in torch.backends.cpu.get_cpu_capability()
-ONEDNN = private.ONEDNN_LINEAR and AVX512
-"""Whether `linear` runs on oneDNN (with the ReLU on its GEMM) rather than MKL, which torch sends float32 CPU matmuls
-to: on AVX-512 CPUs, where oneDNN's GEMMs use AVX-512 and MKL's (on AMD) do not. On AVX2 MKL's are the faster
-for these shapes (``benchmarks/kernels.py``)."""
-
-
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None, relu: bool) -> Tensor:
-    """``F.linear(x, weight, bias)``, then ReLU if ``relu``; 2-D ``x``. On oneDNN the ReLU rides on the GEMM."""
-    if ONEDNN:
-        return private.onednn_linear(x, weight, bias, relu)
-    y = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
-    return y.relu_() if relu else y
-
-
-def linear_relu_grads(grad: Tensor, x: Tensor, weight: Tensor, y: Tensor,
-                      needs: tuple[bool, ...] = (True, True, True)) -> tuple[Tensor | None, ...]:
-    """The x, weight and bias gradients of ``y = relu(x @ weight.T + bias)`` given ``y``'s (those in ``needs``)."""
-    g = torch.ops.aten.threshold_backward(grad, y, 0)  # ReLU's own backward: no gradient where y == 0
-    return (linear(g, weight.t(), None, relu=False) if needs[0] else None,
-            torch.mm(g.t(), x) if needs[1] else None, g.sum(0) if needs[2] else None)
-
 
 class LinearReLU(torch.autograd.Function):
-    """``F.relu(F.linear(x, weight, bias))`` for 2-D ``x``: one autograd node, forward and input gradient one
-    GEMM each, the ReLU applied in place (or inside oneDNN's GEMM)."""
+    """``F.relu(F.linear(x, weight, bias))`` for 2-D ``x``: one autograd node, forward and input gradient one GEMM
+    each, the ReLU applied in place on the GEMM's output and its backward read from that output."""
 
     @staticmethod
     def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-        y = linear(x, weight, bias, relu=True)
+        y = torch.addmm(bias, x, weight.t()).relu_()
         ctx.save_for_backward(x, weight, y)
         return y
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, weight, y = ctx.saved_tensors
-        return linear_relu_grads(grad, x, weight, y, ctx.needs_input_grad)
+        needs = ctx.needs_input_grad
+        g = torch.ops.aten.threshold_backward(grad, y, 0)  # ReLU's own backward: no gradient where y == 0
+        return (torch.mm(g, weight) if needs[0] else None, torch.mm(g.t(), x) if needs[1] else None,
+                g.sum(0) if needs[2] else None)
 
 
 def linear_relu(layer: nn.Linear, x: Tensor) -> Tensor:
@@ -125,34 +104,3 @@ class ConvPoolReLU(torch.autograd.Function):
         grad_x = _unpatch(torch.mm(routed, weight.reshape(c, k * k)), n, k) if ctx.needs_input_grad[0] else None
         dw = torch.mm(cols, routed).t()
         return grad_x, dw[:, :-1].reshape(c, 1, k, k), dw[:, -1].contiguous()
-
-
-def dense_loss_and_grads(layers: tuple[nn.Linear, nn.Linear, nn.Linear], x: Tensor,
-                         y: Tensor) -> tuple[Tensor, Tensor]:
-    """`DenseNet`'s mean cross entropy and logits for images ``x``, labels ``y``, with every parameter's ``grad``
-    set, without autograd. ``layers``: the net's ``row1``, ``row2`` and ``out``.
-
-    The plain math: ``loss = F.cross_entropy(net(x), y); net.zero_grad(); loss.backward()``. Written out, the
-    cross entropy's gradient is (softmax - one-hot) / N, and each Linear + ReLU passes it back as in `LinearReLU`.
-    A batch-32 step of this small net spends about a fifth of its time building and running autograd's graph.
-    """
-    row1, row2, out = layers
-    n = x.shape[0]
-    with torch.no_grad():
-        rows = x.reshape(n * 28, 28)
-        h1 = linear(rows, row1.weight, row1.bias, relu=True)
-        h2 = linear(h1, row2.weight, row2.bias, relu=True)
-        flat = h2.view(n, -1)
-        logits = torch.addmm(out.bias, flat, out.weight.t())
-        log_p = torch.log_softmax(logits, 1)
-        loss = F.nll_loss(log_p, y)
-        grad = log_p.exp_()  # d loss / d logits = (softmax - one-hot) / n
-        grad.scatter_add_(1, y.view(n, 1), grad.new_full((n, 1), -1.0))
-        grad /= n
-        out.weight.grad, out.bias.grad = torch.mm(grad.t(), flat), grad.sum(0)
-        g_h1, row2.weight.grad, row2.bias.grad = linear_relu_grads(
-            torch.mm(grad, out.weight).view_as(h2), h1, row2.weight, h2)
-        g_rows = torch.ops.aten.threshold_backward(g_h1, h1, 0)
-        row1.weight.grad = torch.mm(rows.t(), g_rows).t().contiguous()  # the faster GEMM for this K = 28N shape
-        row1.bias.grad = g_rows.sum(0)
-    return loss, logits

@@ -1,63 +1,48 @@
-"""Where the fused kernels stand in for the tutorial's networks, and where they step aside.
+"""The tutorial's CNN with fused kernels: `FastConvNet` computes the same function as `ConvNet`, with the same
+parameters under the same names (their checkpoints interchange).
 
-`logits(net, x)` is ``net(x)``; `loss_and_grads(net, x, y)` is cross entropy + ``backward``. Each takes a kernel
-only for an unmodified `ConvNet` or `DenseNet` (exactly these classes, their submodules of the original types and
-settings: a swapped or subclassed layer runs as itself), float32 on a CPU, eager (not traced, scripted or
-compiled, no ``forward`` replaced), without autocast and without any hook on the network or its parameters.
-Anywhere else they call the network itself.
+(The dense baseline has none: its layers are single GEMMs already, and neither one autograd node per Linear + ReLU
+nor one for both hidden layers beat the plain modules in ``benchmarks/kernels.py``.)
+
+Their ``forward`` runs the kernels of `kernels` where those compute exactly the plain function: float32 CPU
+tensors, eager mode (not traced, scripted, compiled or exported), no autocast, the layers still the original
+modules, and no hook on any of them. Anywhere else it runs the plain network's ``forward``. Everything is
+autograd, so every Lightning feature (clipping, accumulation, AMP, DDP, hooks, SWA, the tuner) works unchanged.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fashion_lightning.fast import private
-from fashion_lightning.fast.kernels import ConvPoolReLU, dense_loss_and_grads, linear_relu
-from fashion_lightning.models import ConvNet, DenseNet
+from fashion_lightning.fast.kernels import ConvPoolReLU, linear_relu
+from fashion_lightning.models import ConvNet
+
+HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+"""Where ``nn.Module`` keeps the hooks registered on it (no public API lists them): a hook on a layer the kernels
+replace would not run, so a hooked network takes its plain ``forward``. Where torch keeps them elsewhere, every
+network counts as hooked (always correct, never fused); ``tests/test_fast_networks.py`` pins that hooks are seen."""
+
+
+def _hooked(net: nn.Module) -> bool:
+    """Whether a hook is registered on a submodule of ``net`` (or on every module, globally), or it cannot tell."""
+    registries = [getattr(torch.nn.modules.module, f"_global{name}", None) for name in HOOK_DICTS]
+    registries += [getattr(m, name, None) for m in net.children() for name in HOOK_DICTS]
+    return any(r is None or len(r) > 0 for r in registries)
 
 
 def _plain_linear(layer: nn.Module) -> bool:
     return type(layer) is nn.Linear and layer.bias is not None
 
 
-def _plain_flatten(layer: nn.Module) -> bool:
-    return type(layer) is nn.Flatten and layer.start_dim == 1 and layer.end_dim == -1
-
-
-def _plain_conv_net(net: ConvNet) -> bool:
-    conv, pool = net.conv, net.pool
-    return (type(conv) is nn.Conv2d and conv.in_channels == 1 and conv.padding == "same"
-            and conv.kernel_size[0] == conv.kernel_size[1] and conv.stride == (1, 1) and conv.dilation == (1, 1)
-            and conv.groups == 1 and conv.padding_mode == "zeros" and conv.bias is not None
-            and type(pool) is nn.MaxPool2d and pool.kernel_size in (2, (2, 2)) and pool.stride in (2, (2, 2))
-            and pool.padding in (0, (0, 0)) and pool.dilation in (1, (1, 1)) and not pool.ceil_mode
-            and not pool.return_indices and _plain_flatten(net.flatten) and _plain_linear(net.fc)
-            and _plain_linear(net.out))
-
-
-def _plain_dense_net(net: DenseNet) -> bool:
-    return (all(_plain_linear(layer) for layer in (net.row1, net.row2, net.out)) and net.row1.in_features == 28
-            and _plain_flatten(net.flatten))
-
-
-def _net_ok(net: nn.Module) -> bool:
-    """The conditions every kernel needs (see the module docstring) on the network and torch's state, less the
-    network's structure."""
+def _eager_float32_cpu(net: nn.Module, x: Tensor) -> bool:
+    """The conditions every kernel needs on torch's mode, the parameters and the input images."""
     return (not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling())
             and not torch.is_autocast_enabled("cpu")
-            and all(p.device.type == "cpu" and p.dtype == torch.float32 and p.layout == torch.strided
-                    for p in net.parameters())
-            and not private.hooked(net) and not private.rerouted(net))
-
-
-def _input_ok(x: Tensor) -> bool:
-    """The conditions every kernel needs on the input images."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.layout == torch.strided
-            and tuple(x.shape[1:]) == (1, 28, 28))
+            and x.device.type == "cpu" and x.dtype == torch.float32 and x.layout == torch.strided
+            and tuple(x.shape[1:]) == (1, 28, 28)
+            and all(p.device.type == "cpu" and p.dtype == torch.float32 for p in net.parameters())
+            and not _hooked(net))
 
 
 EVAL_CHUNK = 50
@@ -65,50 +50,45 @@ EVAL_CHUNK = 50
 (4, images * 196, filters) floats, then stays in the CPU's cache; for 1,000 images it would be 100 MB."""
 
 
-def logits(net: nn.Module, x: Tensor) -> Tensor:
-    """``net(x)``: through `ConvPoolReLU` and `LinearReLU` where they compute exactly that."""
-    if type(net) is ConvNet and _plain_conv_net(net) and _input_ok(x) and _net_ok(net):
-        h = _conv_pool_relu(net.conv, x)  # = flatten(pool(relu(conv(x))))
-        return F.linear(linear_relu(net.fc, h), net.out.weight, net.out.bias)
-    return net(x)
+class FastConvNet(ConvNet):
+    """`ConvNet` whose conv + ReLU + max-pool run as one `ConvPoolReLU` and whose hidden layer as `LinearReLU`."""
+
+    def _fusable(self, x: Tensor) -> bool:
+        conv, pool = self.conv, self.pool
+        return (type(conv) is nn.Conv2d and conv.in_channels == 1 and conv.padding == "same"
+                and conv.kernel_size[0] == conv.kernel_size[1] and conv.stride == (1, 1)
+                and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
+                and conv.bias is not None and type(pool) is nn.MaxPool2d and pool.kernel_size in (2, (2, 2))
+                and pool.stride in (2, (2, 2)) and pool.padding in (0, (0, 0)) and pool.dilation in (1, (1, 1))
+                and not pool.ceil_mode and type(self.flatten) is nn.Flatten and self.flatten.start_dim == 1
+                and self.flatten.end_dim == -1 and _plain_linear(self.fc) and _eager_float32_cpu(self, x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self._fusable(x):
+            return super().forward(x)
+        h = self._conv_pool_relu(x)  # = flatten(pool(relu(conv(x))))
+        return self.out(linear_relu(self.fc, h))  # = out(relu(fc(h)))
+
+    def _conv_pool_relu(self, x: Tensor) -> Tensor:
+        """`ConvPoolReLU` of ``x``; in chunks of `EVAL_CHUNK` images where autograd records nothing (each image's
+        result depends on that image alone)."""
+        conv = self.conv
+        if torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad or conv.bias.requires_grad):
+            return ConvPoolReLU.apply(x, conv.weight, conv.bias)
+        out = x.new_empty(x.shape[0], conv.out_channels * 196)
+        for i in range(0, len(x), EVAL_CHUNK):
+            out[i : i + EVAL_CHUNK] = ConvPoolReLU.apply(x[i : i + EVAL_CHUNK], conv.weight, conv.bias)
+        return out
+
+    def __prepare_scriptable__(self) -> ConvNet:
+        """TorchScript compiles the plain network, sharing these layers."""
+        return _plain_twin(self, ConvNet)
 
 
-def _conv_pool_relu(conv: nn.Conv2d, x: Tensor) -> Tensor:
-    """`ConvPoolReLU` of ``x``; in chunks of `EVAL_CHUNK` images where autograd records nothing (each image's
-    result depends on that image alone)."""
-    if torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad or conv.bias.requires_grad):
-        return ConvPoolReLU.apply(x, conv.weight, conv.bias)
-    out = x.new_empty(x.shape[0], conv.out_channels * 196)
-    for i in range(0, len(x), EVAL_CHUNK):
-        out[i : i + EVAL_CHUNK] = ConvPoolReLU.apply(x[i : i + EVAL_CHUNK], conv.weight, conv.bias)
-    return out
-
-
-LossAndGrads = Callable[[Tensor, Tensor], "tuple[Tensor, Tensor] | None"]
-
-
-def dense_step(net: nn.Module) -> LossAndGrads | None:
-    """`DenseNet`'s cross entropy with every parameter's gradient set, written out without autograd
-    (`dense_loss_and_grads`), as a function of a batch ``(x, y)`` returning the loss and logits; ``None`` wherever
-    autograd must run instead: any other network, anything the kernels need missing, grad mode off, anomaly detection
-    on, a frozen or hooked parameter. The function checks each batch's images too, and returns ``None`` for those it
-    does not take (another shape, dtype or device, or images that need a gradient). It holds while nothing of the
-    above changes: the fast loop asks once per training step.
-    """
-    applies = (type(net) is DenseNet and _plain_dense_net(net) and _net_ok(net) and torch.is_grad_enabled()
-               and not torch.is_anomaly_enabled()
-               and all(p.requires_grad and not private.tensor_hooked(p) for p in net.parameters()))
-    if not applies:
-        return None
-    layers = (net.row1, net.row2, net.out)
-
-    def step(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor] | None:
-        return dense_loss_and_grads(layers, x, y) if _input_ok(x) and not x.requires_grad else None
-
-    return step
-
-
-def loss_and_grads(net: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor] | None:
-    """`dense_step` for one batch: its loss and logits with the gradients set, or ``None`` where autograd must run."""
-    step = dense_step(net)
-    return step(x, y) if step is not None else None
+def _plain_twin(net: nn.Module, plain: type[nn.Module]) -> nn.Module:
+    """A ``plain`` network holding ``net``'s layers (the same parameter objects)."""
+    twin = plain.__new__(plain)
+    nn.Module.__init__(twin)
+    for name, child in net.named_children():
+        twin.add_module(name, child)
+    return twin.train(net.training)

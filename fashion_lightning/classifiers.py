@@ -1,0 +1,42 @@
+"""The tutorial's two models as LightningModules: `CNN` and `DenseBaseline`, each an `ImageClassifier` of its network.
+
+``CNN(fast=True)`` picks the network with fused CPU kernels (`fashion_lightning.fast.FastConvNet`), the same function
+with the same parameter names: a choice of network, not of training loop, so checkpoints of either load into the other.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fashion_lightning.fast import FastConvNet
+from fashion_lightning.models import ConvNet, DenseNet
+from fashion_lightning.module import ImageClassifier
+
+
+class CNN(ImageClassifier):
+    """The tutorial's CNN (`ConvNet`) as a LightningModule; 804,554 parameters with the defaults.
+
+    Args:
+        filters: convolution filters.
+        kernel_size: convolution kernel size (any size keeps the 28x28 map).
+        hidden: width of the hidden dense layer.
+        fast: `FastConvNet`, the same network through fused kernels, instead of `ConvNet`.
+        **optim: `ImageClassifier`'s optimizer, schedule and init settings (lr, betas, eps, ...).
+    """
+
+    def __init__(self, filters: int = 32, kernel_size: int = 3, hidden: int = 128, fast: bool = False,
+                 **optim: Any) -> None:
+        super().__init__((FastConvNet if fast else ConvNet)(filters, kernel_size, hidden), **optim)
+
+
+class DenseBaseline(ImageClassifier):
+    """The tutorial's dense baseline (`DenseNet`) as a LightningModule; 29,898 parameters with the defaults.
+
+    Args:
+        hidden1: width of the first per-row dense layer.
+        hidden2: width of the second per-row dense layer.
+        **optim: `ImageClassifier`'s optimizer, schedule and init settings (lr, betas, eps, ...).
+    """
+
+    def __init__(self, hidden1: int = 128, hidden2: int = 64, **optim: Any) -> None:
+        super().__init__(DenseNet(hidden1, hidden2), **optim)

@@ -1,0 +1,306 @@
+"""Grouped training steps: several batches per Lightning training step, one optimizer step each, the way Keras has
+``steps_per_execution``. Lightning's per-step machinery (hooks, loops, logging, progress bar: about 2.5 ms a step on
+a 2-core CPU) is then paid once per group, which matters where a step's arithmetic takes a few ms.
+
+Two pieces, composed by the app (``steps_per_execution`` > 1) or by hand::
+
+    model = grouped(CNN)(fast=True)                               # GroupedCNN: manual optimization over lists
+    trainer.fit(model, datamodule=GroupedDataModule(FashionMNISTDataModule(), steps=64))
+
+Inside a group every batch is one optimizer step through Lightning's optimizer (``self.optimizers().step()`` after
+``self.manual_backward``), so ``global_step``, ``max_steps``, schedulers, the backward and optimizer-step hooks and
+the loggers' step count batches. Groups end where the textbook path would validate, checkpoint or stop
+(`GroupedBatches`). What a group cannot honour is refused when the fit starts, in one line (`check_fit`).
+A grouped model's checkpoints name the plain class and hold its hyperparameters: they load, fine-tune and resume
+anywhere (a resume under the other optimization is refused in one line: Lightning counts manual and automatic
+optimizer steps apart).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import (
+    Callback,
+    LearningRateMonitor,
+    ModelCheckpoint,
+    ProgressBar,
+    Timer,
+)
+from torch import Tensor
+
+from fashion_lightning.callbacks import EpochTimer, SaveOnInterrupt
+from fashion_lightning.classifiers import CNN, DenseBaseline
+from fashion_lightning.data import BatchLoader
+from fashion_lightning.errors import UserError, check_positive_int
+from fashion_lightning.module import CHECKPOINT_KEY, Batch, ImageClassifier
+
+BATCH_HOOKS = ("on_train_batch_start", "on_train_batch_end")
+TRANSFER_HOOKS = ("on_before_batch_transfer", "transfer_batch_to_device", "on_after_batch_transfer")
+WAY_OUT = "set steps_per_execution=1 (one batch per training step)"
+
+
+class GroupedBatches:
+    """The batches of ``loader`` (a `BatchLoader`) in lists of up to ``steps`` consecutive ones, one list per
+    Lightning training step, at most ``trainer.limit_train_batches`` (a count of batches) an epoch.
+
+    Lists end at multiples of ``steps`` into the epoch (also in an epoch resumed mid-list) and at the epoch's end, so
+    Lightning's count of steps per epoch holds. Where ``max_steps`` falls inside an epoch, a list ends there too, and
+    never as the epoch's last list (Lightning validates after that one, the textbook path does not validate a cut
+    epoch). Its state is the loader's, less the batches of the running list not yet applied.
+    """
+
+    def __init__(self, loader: BatchLoader, steps: int, trainer: L.Trainer) -> None:
+        self.loader, self.steps, self.trainer = loader, steps, trainer
+        limit = trainer.limit_train_batches
+        self.num_batches = min(len(loader), limit) if isinstance(limit, int) else len(loader)
+        self._running: tuple[int, int] = (0, 0)  # global_step when the running list was handed out, its length
+
+    def __len__(self) -> int:
+        return math.ceil(self.num_batches / self.steps)
+
+    def ends(self, start: int, global_step: int) -> list[int]:
+        """Where the lists of an epoch read from batch ``start`` end, ``global_step`` steps into the fit."""
+        k, n, max_steps = self.steps, self.num_batches, self.trainer.max_steps
+        ends = [*range((start // k + 1) * k, n, k), n]
+        cut = start + max_steps - global_step if max_steps >= 0 else n
+        if start < cut < n and cut not in ends:
+            last = next(i for i, end in enumerate(ends) if end > cut)
+            if last == len(ends) - 1:  # inside the last list: the list before it ends at the cut instead
+                if last == 0:
+                    raise UserError(f"trainer.max_steps={max_steps} stops inside the epoch's last group of "
+                                    f"{n - start} batches, after which Lightning would validate (the textbook path "
+                                    f"validates only whole epochs); choose another max_steps, or {WAY_OUT}")
+                ends[last - 1] = cut
+            else:
+                ends.insert(last, cut)
+        return ends
+
+    def __iter__(self) -> Iterator[list[Batch]]:
+        ends = iter(self.ends(self.loader.start(), self.trainer.global_step))
+        end, group = next(ends), []
+        for batch in self.loader:
+            group.append(batch)
+            if self.loader.position >= end:
+                self._running = (self.trainer.global_step, len(group))
+                yield group
+                if end >= self.num_batches:
+                    return
+                end, group = next(ends), []
+
+    def state_dict(self) -> dict[str, int]:
+        """The loader's state, counting only the batches whose optimizer step ran (a list cut short by a crash
+        resumes at its first unapplied batch)."""
+        state = self.loader.state_dict()
+        started, length = self._running
+        unapplied = length - (self.trainer.global_step - started)
+        return {**state, "position": state["position"] - max(unapplied, 0)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.loader.load_state_dict(state)
+
+
+class GroupedDataModule(L.LightningDataModule):
+    """``datamodule`` with its training batches grouped by ``steps`` (`GroupedBatches`); everything else is its own.
+    Its hyperparameters are ``datamodule``'s, so checkpoints record the same data settings."""
+
+    def __init__(self, datamodule: L.LightningDataModule, steps: int) -> None:
+        super().__init__()
+        self.datamodule, self.steps = datamodule, check_positive_int("steps_per_execution", steps)
+        self.save_hyperparameters(dict(datamodule.hparams))
+
+    def _inner(self) -> L.LightningDataModule:
+        self.datamodule.trainer = self.trainer
+        return self.datamodule
+
+    def prepare_data(self) -> None:
+        self._inner().prepare_data()
+
+    def setup(self, stage: str) -> None:
+        self._inner().setup(stage)
+
+    def train_dataloader(self) -> GroupedBatches:
+        return GroupedBatches(self._inner().train_dataloader(), self.steps, self.trainer)
+
+    def val_dataloader(self) -> Any:
+        return self._inner().val_dataloader()
+
+    def test_dataloader(self) -> Any:
+        return self._inner().test_dataloader()
+
+    def predict_dataloader(self) -> Any:
+        return self._inner().predict_dataloader()
+
+
+ACCEPTED_CALLBACKS = (ProgressBar, Timer, EpochTimer, SaveOnInterrupt)
+"""Callbacks whose batch hooks stay right when a training step is a group: they count steps, time them, or stop
+after one (``Timer``'s ``max_time`` and `SaveOnInterrupt` stop after the whole group)."""
+
+
+def check_fit(trainer: L.Trainer, module: L.LightningModule) -> None:
+    """Refuse, in one line, what a fit of grouped steps cannot do as the textbook path does."""
+    name, plain = type(module).__name__, textbook_class(type(module))
+    for hook in BATCH_HOOKS + TRANSFER_HOOKS:
+        if getattr(type(module), hook) is not getattr(plain, hook):
+            raise UserError(f"{name}.{hook} would receive lists of batches; {WAY_OUT}")
+    datamodule = trainer.datamodule
+    inner = getattr(datamodule, "datamodule", datamodule)
+    for hook in TRANSFER_HOOKS if inner is not None else ():
+        if getattr(type(inner), hook) is not getattr(L.LightningDataModule, hook):
+            raise UserError(f"{type(inner).__name__}.{hook} would receive lists of batches; {WAY_OUT}")
+    for callback in trainer.callbacks:
+        if not _accepted(callback):
+            raise UserError(f"callback {type(callback).__name__} acts on each training batch, and a training step "
+                            f"here is a group of batches; {WAY_OUT}")
+    for setting, default in (("val_check_interval", 1.0), ("limit_train_batches", 1.0)):
+        value = getattr(trainer, setting)
+        if isinstance(value, float) and value != default:
+            raise UserError(f"Trainer({setting}={value!r}) would be counted in groups of batches; give "
+                            f"limit_train_batches as a number of batches, or {WAY_OUT}")
+    if trainer.val_check_interval != 1.0:
+        raise UserError(f"Trainer(val_check_interval={trainer.val_check_interval!r}) would count groups of "
+                        f"batches; {WAY_OUT}")
+    if len(trainer.optimizers) != 1:
+        raise UserError(f"{len(trainer.optimizers)} optimizers; {WAY_OUT}")
+    for config in trainer.lr_scheduler_configs:
+        if config.reduce_on_plateau or (config.interval == "step" and config.frequency != 1):
+            raise UserError(f"a {type(config.scheduler).__name__} scheduler (interval={config.interval}, "
+                            f"frequency={config.frequency}); {WAY_OUT}")
+    loader = trainer.train_dataloader
+    if isinstance(loader, GroupedBatches):  # fails now, not at the cut, where max_steps cannot be honoured
+        start, steps = loader.loader.start(), trainer.global_step
+        while steps < trainer.max_steps and (trainer.max_epochs < 0 or trainer.current_epoch < trainer.max_epochs):
+            loader.ends(start, steps)
+            steps, start = steps + loader.num_batches - start, 0
+
+
+def _accepted(callback: Callback) -> bool:
+    if isinstance(callback, ModelCheckpoint):  # saving by epoch (its public state key names its triggers)
+        key = callback.state_key
+        return "'every_n_train_steps': 0" in key and "'train_time_interval': None" in key
+    if isinstance(callback, LearningRateMonitor):
+        return callback.logging_interval == "epoch"
+    if isinstance(callback, ACCEPTED_CALLBACKS):
+        return True
+    return all(getattr(type(callback), hook) is getattr(Callback, hook) for hook in BATCH_HOOKS)
+
+
+class GroupedSteps:
+    """Mixin for an `ImageClassifier` subclass: ``training_step`` takes a list of batches and, for each, takes one
+    optimizer step with Lightning's manual optimization (loss as ``training_loss``, metrics as the textbook step)."""
+
+    trainer: L.Trainer
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.automatic_optimization = False
+
+    def on_train_start(self) -> None:
+        check_fit(self.trainer, self)
+        super().on_train_start()
+
+    def configure_callbacks(self) -> list[Callback]:
+        return [StepsRestored()]
+
+    def total_optimizer_steps(self: Any) -> int:
+        """Optimizer steps in the whole fit: batches, where Lightning's estimate counts groups."""
+        super().total_optimizer_steps()  # checks the run is finite; loads the training loader
+        trainer, loader = self.trainer, self.trainer.train_dataloader
+        total = loader.num_batches * trainer.max_epochs if trainer.max_epochs >= 0 else trainer.max_steps
+        return min(total, trainer.max_steps) if trainer.max_steps >= 0 else total
+
+    def training_step(self: Any, batch: list[Batch], batch_idx: int) -> Tensor | None:
+        trainer, optimizer = self.trainer, self.optimizers()
+        loss = None
+        for x, y in batch:
+            if 0 <= trainer.max_steps <= trainer.global_step:
+                break
+            step = trainer.global_step
+            logits = self(x)
+            loss = self.training_loss(logits, y)
+            optimizer.zero_grad()
+            self.manual_backward(loss)
+            optimizer.step()
+            for config in trainer.lr_scheduler_configs:
+                if config.interval == "step":
+                    self.lr_scheduler_step(config.scheduler, None)
+            self.update_metrics("train", logits, y, loss, len(y))
+            self._log_loss(step, loss)
+        if loss is not None:
+            self.log("train/loss_step", loss, prog_bar=True, logger=False)  # the progress bar; loggers: _log_loss
+        return loss
+
+    def _log_loss(self: Any, step: int, loss: Tensor) -> None:
+        """The batch's loss to the loggers, where the textbook step's ``self.log("train/loss_step", loss)`` logs it:
+        every ``log_every_n_steps`` optimizer steps, at that step."""
+        every = self.trainer.log_every_n_steps
+        if every and (step + 1) % every == 0:
+            for logger in self.loggers:
+                logger.log_metrics({"train/loss_step": loss.item(), "epoch": self.current_epoch}, step=step)
+
+    def on_train_epoch_end(self: Any) -> None:
+        super().on_train_epoch_end()
+        self._log_step()
+        for config in self.trainer.lr_scheduler_configs:
+            if config.interval == "epoch" and (self.current_epoch + 1) % config.frequency == 0:
+                self.lr_scheduler_step(config.scheduler, None)
+
+    def on_validation_epoch_end(self: Any) -> None:
+        super().on_validation_epoch_end()
+        if not self.trainer.sanity_checking and self.trainer.state.fn == "fit":
+            self._log_step()
+
+    def _log_step(self: Any) -> None:
+        """Have this hook's metrics logged at the textbook path's step, with its epoch (Lightning's loggers take a
+        logged ``step`` as their x-axis, and then add no ``epoch`` of their own)."""
+        self.log_dict({"step": self.global_step - 1, "epoch": self.current_epoch})
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        plain = textbook_class(type(self))
+        checkpoint[CHECKPOINT_KEY] = f"{plain.__module__}:{plain.__qualname__}"
+
+
+class StepsRestored(Callback):
+    """Refuses a resume whose optimizer steps Lightning did not restore: it counts automatic and manual optimization
+    apart, so a checkpoint of the one resumed under the other would start again from step 0 (``max_steps``, the
+    loggers' step). Grouped models add it themselves; add it to a textbook fit that may resume a grouped checkpoint."""
+
+    def __init__(self) -> None:
+        self.saved: int | None = None
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self.saved = checkpoint.get("global_step") if trainer.state.fn == "fit" else None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        saved, self.saved = self.saved, None
+        if saved is not None and saved != trainer.global_step:
+            raise UserError(f"the checkpoint was written after {saved} optimizer steps, but this fit resumed at step "
+                            f"{trainer.global_step}: it was trained with another steps_per_execution (grouped steps "
+                            "use manual optimization); resume it with the setting it was written with, or load its "
+                            "weights into a new run")
+
+
+def textbook_class(cls: type) -> type:
+    """The class a grouped class stands for: the first `ImageClassifier` in its MRO that is not grouped."""
+    return next(c for c in cls.__mro__ if issubclass(c, ImageClassifier) and not issubclass(c, GroupedSteps))
+
+
+class GroupedCNN(GroupedSteps, CNN):
+    """`CNN` trained in grouped steps."""
+
+
+class GroupedDenseBaseline(GroupedSteps, DenseBaseline):
+    """`DenseBaseline` trained in grouped steps."""
+
+
+def grouped(cls: type[ImageClassifier]) -> type[ImageClassifier]:
+    """The grouped-steps class of an `ImageClassifier` subclass: `GroupedCNN`, `GroupedDenseBaseline`, or a new one."""
+    known = {CNN: GroupedCNN, DenseBaseline: GroupedDenseBaseline}
+    if issubclass(cls, GroupedSteps):
+        return cls
+    return known.get(cls) or type(f"Grouped{cls.__name__}", (GroupedSteps, cls), {"__module__": cls.__module__})
+

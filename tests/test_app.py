@@ -1,0 +1,102 @@
+"""What the apps share (`fashion_lightning.app`), and what the library leaves alone: importing it or fitting with it
+changes no process-wide state; the core imports nothing of the speed options."""
+
+from __future__ import annotations
+
+import ast
+import atexit
+import gc
+import runpy
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+CORE = ("models", "module", "data", "callbacks")
+
+
+@pytest.mark.parametrize("disabled_before", [False, True])
+def test_importing_the_library_and_fitting_leaves_gc_allocator_and_environment_alone(disabled_before: bool,
+                                                                                      tmp_path) -> None:
+    code = f"""
+import gc, os
+if {disabled_before}: gc.disable()
+threshold, env = gc.get_threshold(), dict(os.environ)
+import torch
+import fashion_lightning
+from fashion_lightning import CNN
+from fashion_lightning.fast.grouped import grouped
+model = grouped(CNN)(fast=True)
+x = torch.rand(4, 1, 28, 28)
+model.net(x).sum().backward()
+print(gc.isenabled(), gc.get_freeze_count(), gc.get_threshold() == threshold, dict(os.environ) == env)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == [str(not disabled_before), "0", "True", "True"]
+
+
+def package_imports(module: str) -> set[str]:
+    """The fashion_lightning modules that ``module``'s source imports."""
+    import fashion_lightning
+
+    path = Path(fashion_lightning.__file__).parent / f"{module.replace('.', '/')}.py"
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+            [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+        found |= {n.removeprefix("fashion_lightning.") for n in names if n.startswith("fashion_lightning.")}
+    return found
+
+
+@pytest.mark.parametrize("module", CORE)
+def test_the_core_imports_nothing_of_the_speed_options(module: str) -> None:
+    seen, todo = set(), [module]
+    while todo:  # everything the module's imports reach inside the package
+        current = todo.pop()
+        if current not in seen:
+            seen.add(current)
+            todo += package_imports(current)
+    assert not {m for m in seen if m.startswith("fast") or m == "classifiers"}, seen
+    source = (Path(__file__).parents[1] / "fashion_lightning" / f"{module}.py").read_text()
+    assert "automatic_optimization" not in source and "fast" not in source
+
+
+CYCLE_AT_EXIT = """
+import sys
+from fashion_lightning.app import skip_collection_at_exit
+class Cycle:
+    def __del__(self) -> None:
+        print("finalized")
+cycle = Cycle()
+cycle.itself = cycle
+del cycle
+if sys.argv[1] == "app":
+    skip_collection_at_exit()
+"""
+
+
+@pytest.mark.parametrize("process", ["library", "app"])
+def test_an_apps_exit_skips_the_final_collection(process: str) -> None:
+    done = subprocess.run([sys.executable, "-c", CYCLE_AT_EXIT, process], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ([] if process == "app" else ["finalized"])  # the cycle collected only without it
+
+
+APPS = ("train", "evaluate", "predict", "export", "compare", "tune", "serve")
+EXTRAS = {"tune": "optuna", "serve": "litserve"}
+
+
+@pytest.mark.parametrize("app", APPS)
+def test_every_app_run_as_a_program_skips_the_final_collection(
+        app: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    if app in EXTRAS:
+        pytest.importorskip(EXTRAS[app])
+    registered = []
+    monkeypatch.setattr(atexit, "register", lambda func, *args, **kwargs: registered.append(func) or func)
+    monkeypatch.setattr(sys, "argv", [f"fashion_lightning/{app}.py", "--help"])  # Hydra prints its help, exits
+    with pytest.raises(SystemExit) as exited, warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # runpy: the module was imported before
+        runpy.run_module(f"fashion_lightning.{app}", run_name="__main__")
+    assert exited.value.code in (0, None) and "== Config ==" in capsys.readouterr().out
+    assert gc.freeze in registered  # skip_collection_at_exit(), before main()
