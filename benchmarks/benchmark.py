@@ -1,4 +1,4 @@
-"""Both speed options side by side, each a whole process: the training app, a plain PyTorch loop of the same math,
+"""The speed options side by side, each a whole process: the training app, a plain PyTorch loop of the same math,
 and the tutorial's own Keras code.
 
     python benchmarks/benchmark.py                       # seed_cnn, seed_dense, fast_cnn; seeds 0,1,2; CPU
@@ -7,11 +7,11 @@ and the tutorial's own Keras code.
     python benchmarks/benchmark.py --device cuda --out benchmarks/results-gpu.md
 
 For each recipe and seed, the processes run in turn (so that the machine's drift hits them alike):
-- ``app, fast`` and ``app, reference``: ``python -m fashion_lightning.train experiment=<recipe> speed=<option>``,
-  everything the command does (start-up, data, training, validation, test, checkpoints, report);
-- ``plain, fast`` and ``plain, reference``: this script's own loop (``--plain``), the same network, initialisation,
-  optimizer, schedule and batches in the same order, with nothing but forward, loss, backward, the optimizer step
-  and a running accuracy; through the fast option's kernels and process settings, or the standard modules;
+- ``app, <option>`` (fast, fused, reference): ``python -m fashion_lightning.train experiment=<recipe>
+  speed=<option>``, everything the command does (start-up, data, training, validation, test, checkpoints, report);
+- ``plain, <option>``: this script's own loop (``--plain``), the same network (the CNN fused or plain, as the
+  option builds it), initialisation, optimizer, schedule and batches in the same order, with nothing but forward,
+  loss, backward, the optimizer step and a running accuracy;
 - ``keras`` (seed_cnn and seed_dense): ``keras_tutorial.py``, the tutorial's recipe in TensorFlow, run by
   ``--keras-python`` (default: this interpreter); without TensorFlow there it says so and leaves the path out.
 
@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 RECIPES = ("seed_cnn", "seed_dense", "fast_cnn")
-PATHS = ("app, fast", "app, reference", "plain, fast", "plain, reference", "keras")
+PATHS = ("app, fast", "app, fused", "app, reference", "plain, fast", "plain, reference", "keras")
 KERAS = Path(__file__).with_name("keras_tutorial.py")
 
 
@@ -58,9 +58,8 @@ def plain(recipe: str, speed: str, seed: int, args: argparse.Namespace) -> dict:
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
+    from fashion_lightning.app import CONFIG_DIR
     from fashion_lightning.data import BatchLoader
-    from fashion_lightning.fast import networks, private, tune_process
-    from fashion_lightning.train import CONFIG_DIR
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("train", overrides=overrides(recipe, speed, seed, args))
@@ -68,10 +67,7 @@ def plain(recipe: str, speed: str, seed: int, args: argparse.Namespace) -> dict:
     datamodule, model = instantiate(cfg.data), instantiate(cfg.model)
     datamodule.setup()
     device = torch.device(args.device)
-    net, hp, dhp = model.net.to(device), model.hparams, datamodule.hparams
-    fast = speed == "fast"
-    if fast:
-        tune_process()
+    net, hp, dhp = model.net.to(device), model.hparams, datamodule.hparams  # the app's network: fused or plain
     optimizer = torch.optim.Adam(net.parameters(), lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps,
                                  weight_decay=hp.weight_decay, fused=True)
     images, labels = (t.to(device) for t in datamodule.train_set)
@@ -84,16 +80,11 @@ def plain(recipe: str, speed: str, seed: int, args: argparse.Namespace) -> dict:
         correct = torch.zeros((), device=device)
         start = time.perf_counter()
         for x, y in loader:
-            result = networks.loss_and_grads(net, x, y) if fast else None
-            if result is None:
-                logits = networks.logits(net, x) if fast else net(x)
-                loss = F.cross_entropy(logits, y)
-                optimizer.zero_grad()
-                loss.backward()
-            else:
-                loss, logits = result
-            if not (fast and private.fused_adam_step(optimizer)):
-                optimizer.step()
+            logits = net(x)
+            loss = F.cross_entropy(logits, y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
             if scheduler is not None:
                 scheduler.step()
             correct += (logits.detach().argmax(1) == y).sum()
@@ -103,7 +94,7 @@ def plain(recipe: str, speed: str, seed: int, args: argparse.Namespace) -> dict:
         train_acc = correct.item() / len(labels)
     test_x, test_y = datamodule.test_set
     with torch.no_grad():
-        hits = sum(int(((networks.logits(net, x) if fast else net(x)).argmax(1) == y).sum())
+        hits = sum(int((net(x).argmax(1) == y).sum())
                    for x, y in BatchLoader(test_x.to(device), test_y.to(device), 1000, scale=dhp.scale))
     return {"epoch_time_s": times, "test_acc": hits / len(test_y), "train_acc": train_acc}
 
@@ -173,7 +164,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipes", default=",".join(RECIPES), help=f"comma-separated, of {', '.join(RECIPES)}")
     parser.add_argument("--paths", default=",".join(p.replace(", ", ":") for p in PATHS),
-                        help="comma-separated, of app:fast, app:reference, plain:fast, plain:reference, keras")
+                        help="comma-separated, of app:fast, app:fused, app:reference, plain:fast, plain:reference, keras")
     parser.add_argument("--keras-python", default=sys.executable,
                         help="an interpreter with TensorFlow for the keras path (default: this one)")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds; accuracy is reported over them")

@@ -14,6 +14,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from fashion_lightning.app import AppError
 from fashion_lightning.report import plot_sweep
 
 COLUMNS = ("job", "overrides", "status", "val_acc_best", "test_acc", "params", "wall_time_s", "error")
@@ -55,7 +56,7 @@ class SweepSummary(Callback):
             return
         if job_return.status == JobStatus.FAILED:
             error = job_return._return_value
-            message = str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"
+            message = str(error) if isinstance(error, ValueError | AppError) else f"{type(error).__name__}: {error}"
             (Path(config.hydra.runtime.output_dir) / "error.json").write_text(json.dumps({"error": message}))
         write_summary(Path(config.hydra.sweep.dir))
 

@@ -14,6 +14,7 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig
@@ -33,6 +34,36 @@ def check_accelerator(accelerator: str) -> None:
     if str(accelerator) in ("gpu", "cuda") and not torch.cuda.is_available():
         raise UserError(f"trainer.accelerator={accelerator} but this machine has no usable CUDA GPU; "
                         "use trainer=cpu or trainer.accelerator=auto")
+
+
+TRAINER_INTEGERS = {"max_epochs": -1, "min_epochs": 0, "max_steps": -1, "min_steps": 0, "log_every_n_steps": 0,
+                    "num_nodes": 1, "accumulate_grad_batches": 1, "check_val_every_n_epoch": 1,
+                    "num_sanity_val_steps": -1}
+"""Trainer settings that must be whole numbers, with the least each takes (None, where allowed, is left alone)."""
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """One clear error for a Trainer or path setting the app would pass on to fail later, or not at all."""
+    for key, least in TRAINER_INTEGERS.items():
+        value = cfg.trainer.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+            raise UserError(f"trainer.{key} must be an integer >= {least}, got {value!r}")
+    for key in ("data_dir", "output_root"):
+        value = cfg.paths.get(key)
+        if not isinstance(value, str) or not value.strip() or "\0" in value:
+            raise UserError(f"paths.{key} must be a folder path, got {value!r}")
+
+
+def instantiate_trainer(trainer_cfg: DictConfig, **kwargs: Any) -> L.Trainer:
+    """The configured Trainer; Lightning's refusal of a setting as one `UserError`."""
+    try:
+        return instantiate(trainer_cfg, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        if not isinstance(cause, ValueError | TypeError | AssertionError | MisconfigurationException):
+            raise
+        said = str(cause).strip().replace("\n", " ") or f"{type(cause).__name__} without a message"
+        raise UserError(f"Lightning refused the trainer settings: {said}") from err
 
 
 RESUMABLE = ("interrupted.ckpt", "last.ckpt")
@@ -75,6 +106,7 @@ def train(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict[str, An
     Lightning callbacks added to the configured ones (a tuner's pruning callback, for example).
     """
     start = time.perf_counter()
+    check_settings(cfg)
     check_accelerator(cfg.trainer.accelerator)
     if cfg.test_ckpt not in ("best", "last"):
         raise UserError(f"test_ckpt must be best or last, got {cfg.test_ckpt!r}")
@@ -97,7 +129,7 @@ def train(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict[str, An
     if steps == 1:  # grouped models add their own
         callbacks.append(StepsRestored())
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer = instantiate_trainer(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
     try:
         with warnings.catch_warnings():

@@ -206,6 +206,12 @@ def test_cli_bad_input_is_one_clear_error(args: list[str], message: str, data_di
     (["data.val_split=1.0"], "data.val_split must be 0 (validate on the test set), a count in 1..59999 or a fraction "
                              "in (0, 1), got 1.0"),
     (["steps_per_execution=0"], "steps_per_execution must be a positive integer, got 0"),
+    (["trainer.max_epochs=-5"], "trainer.max_epochs must be an integer >= -1, got -5"),
+    (["trainer.max_epochs=abc"], "trainer.max_epochs must be an integer >= -1, got 'abc'"),
+    (["trainer.log_every_n_steps=2.5"], "trainer.log_every_n_steps must be an integer >= 0, got 2.5"),
+    (["trainer.precision=17"], "Lightning refused the trainer settings: Precision 17 is invalid. Allowed precision"),
+    (["trainer.devices=0"], "Lightning refused the trainer settings: `Trainer(devices=0)` value is not a valid input"),
+    (["paths.data_dir="], "paths.data_dir must be a folder path, got ''"),
     (["ckpt_path=missing.ckpt"], "ckpt_path='missing.ckpt' does not exist"),
     (["ckpt_path=last"], "ckpt_path=last but no interrupted.ckpt or last.ckpt exists under"),
     (["paths.data_dir=blocker/data"], "is not writable"),
@@ -232,3 +238,24 @@ def test_help_lists_groups_and_options(tmp_path: Path) -> None:
                  "experiment: best_cnn, best_dense, fast_cnn, seed_cnn, seed_dense", "callbacks: default, ema",
                  "sweep: kernel_size", "logger: csv, tensorboard"):
         assert line in done.stdout
+
+
+def test_a_diverging_run_stops_with_one_line_and_no_result(data_dir: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    cfg = compose_train(*quick_overrides(data_dir, out), "model.lr=1e20")
+    err = one_line_error(lambda: train(cfg), capsys)
+    assert "error: the training loss became nan at epoch 0, step " in err and "(model.lr=1e+20)" in err
+    assert not (out / "results.json").exists()
+
+
+def test_a_sweep_records_a_diverging_job_as_its_error(data_dir: Path, tmp_path: Path) -> None:
+    skip = ("paths.output",)
+    overrides = [o for o in quick_overrides(data_dir, tmp_path) if not o.startswith(skip)]
+    done = run_cli("-m", "model=dense", "model.lr=1e20,0.001", *overrides, "paths.output_root=outs", cwd=tmp_path)
+    assert done.returncode != 0  # Hydra ends a sweep with a failed job in error
+    (summary,) = tmp_path.glob("outs/multiruns/*/summary.csv")
+    rows = {row["overrides"].split()[1]: row for row in csv.DictReader(summary.open())}
+    failed, fine = rows["model.lr=1e+20"], rows["model.lr=0.001"]
+    assert failed["status"] == "failed" and failed["error"].startswith("the training loss became nan at epoch 0")
+    assert fine["status"] == "ok" and float(fine["test_acc"]) > 0.5
