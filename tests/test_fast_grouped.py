@@ -60,7 +60,7 @@ def test_the_fused_cnn_in_groups_stays_close_to_the_textbook_path_over_hundreds_
     (g_trainer, g_model), (t_trainer, t_model) = runs
     assert g_trainer.global_step == t_trainer.global_step == 300
     # float32 rounding of two kernels, amplified by Adam over 300 steps: close, not equal
-    assert_same_weights(g_model, t_model, atol=2e-3)
+    assert_same_weights(g_model, t_model, atol=1e-4)  # measured: 1e-6 on AVX2, with either kernel set
     assert abs(float(g_trainer.callback_metrics["train/acc"] - t_trainer.callback_metrics["train/acc"])) < 0.01
 
 

@@ -3,7 +3,10 @@ kernels do not apply."""
 
 from __future__ import annotations
 
+import os
 import pickle
+import subprocess
+import sys
 from collections.abc import Callable
 
 import pytest
@@ -188,3 +191,21 @@ def test_fast_is_a_choice_of_network_whose_checkpoint_loads_into_either() -> Non
     x = torch.rand(3, 1, 28, 28)
     torch.testing.assert_close(fast.eval()(x), plain.eval()(x), atol=1e-5, rtol=1e-5)
     assert pickle.loads(pickle.dumps(fast)).hparams["fast"] is True
+
+
+CAPABILITIES = ("default", "avx2", "avx512")  # each a subset of the next
+
+
+@pytest.mark.parametrize("capability", CAPABILITIES)
+def test_the_same_function_with_each_cpu_kernel_set_this_cpu_runs(capability: str) -> None:
+    """torch picks its CPU kernels by the CPU (AVX2 or AVX-512 on this machine kind), and ``ATEN_CPU_CAPABILITY``
+    selects a lesser set: the test above runs the CPU's own set, this one each lesser set in a process of its own."""
+    native = torch.backends.cpu.get_cpu_capability().lower()
+    if native not in CAPABILITIES or CAPABILITIES.index(capability) >= CAPABILITIES.index(native):
+        pytest.skip(f"{capability}: this CPU runs {native} (tested directly) and nothing above it")
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         f"{__file__}::test_the_same_function_and_every_gradient_input_included"],
+        env={**os.environ, "ATEN_CPU_CAPABILITY": capability}, capture_output=True, text=True,
+        cwd=os.path.dirname(__file__))
+    assert done.returncode == 0 and " passed" in done.stdout, done.stdout[-2000:]
