@@ -28,7 +28,7 @@ import lightning as L  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 from fashion_lightning import train  # noqa: E402
-from fashion_lightning.app import CONFIG_DIR, skip_collection_at_exit  # noqa: E402
+from fashion_lightning.app import CONFIG_DIR, set_up_process  # noqa: E402
 
 mark("import hydra, fashion_lightning.train")
 
@@ -64,7 +64,7 @@ class Phases(L.Callback):
 
 
 def main() -> None:
-    skip_collection_at_exit()  # as the app does
+    set_up_process()  # as the app does
     with tempfile.TemporaryDirectory() as run_dir, initialize_config_dir(config_dir=CONFIG_DIR,
                                                                            version_base="1.3"):
         cfg = compose("train", overrides=[*sys.argv[1:], f"paths.output_dir={run_dir}"])

@@ -18,10 +18,9 @@ import hydra
 from matplotlib.figure import Figure
 from omegaconf import DictConfig
 
+from fashion_lightning.app import CONFIG_DIR, as_list, reported_as_one_line, set_up_process, write_json, write_text
 from fashion_lightning.data import CLASS_NAMES
-from fashion_lightning.errors import UserError, reported_as_one_line
-from fashion_lightning.startup import skip_collection_at_exit
-from fashion_lightning.train import CONFIG_DIR, as_list, write_json, write_text
+from fashion_lightning.errors import UserError
 
 
 @dataclass
@@ -188,5 +187,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    skip_collection_at_exit()
+    set_up_process()
     main()

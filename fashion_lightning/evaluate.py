@@ -9,11 +9,9 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from fashion_lightning.app import CONFIG_DIR, reported_as_one_line, set_up_process
 from fashion_lightning.checkpoint import load_trained, run_dir_of
-from fashion_lightning.errors import reported_as_one_line
 from fashion_lightning.report import METRICS_CSV, write_report
-from fashion_lightning.startup import skip_collection_at_exit
-from fashion_lightning.train import CONFIG_DIR
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -34,5 +32,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    skip_collection_at_exit()
+    set_up_process()
     main()

@@ -14,12 +14,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
+from fashion_lightning.app import CONFIG_DIR, as_list, reported_as_one_line, set_up_process
 from fashion_lightning.checkpoint import load_trained
 from fashion_lightning.data import CLASS_NAMES
-from fashion_lightning.errors import UserError, check_positive_int, reported_as_one_line
+from fashion_lightning.errors import UserError, check_positive_int
 from fashion_lightning.images import INVERT, ImageError, open_image, probabilities, ranked
-from fashion_lightning.startup import skip_collection_at_exit
-from fashion_lightning.train import CONFIG_DIR, as_list
 
 
 @dataclass
@@ -124,5 +123,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    skip_collection_at_exit()
+    set_up_process()
     main()

@@ -65,7 +65,7 @@ def test_the_core_imports_nothing_of_the_speed_options(module: str) -> None:
 
 CYCLE_AT_EXIT = """
 import sys
-from fashion_lightning.app import skip_collection_at_exit
+from fashion_lightning.app import set_up_process
 class Cycle:
     def __del__(self) -> None:
         print("finalized")
@@ -73,7 +73,7 @@ cycle = Cycle()
 cycle.itself = cycle
 del cycle
 if sys.argv[1] == "app":
-    skip_collection_at_exit()
+    set_up_process()
 """
 
 
@@ -99,4 +99,4 @@ def test_every_app_run_as_a_program_skips_the_final_collection(
         warnings.simplefilter("ignore", RuntimeWarning)  # runpy: the module was imported before
         runpy.run_module(f"fashion_lightning.{app}", run_name="__main__")
     assert exited.value.code in (0, None) and "== Config ==" in capsys.readouterr().out
-    assert gc.freeze in registered  # skip_collection_at_exit(), before main()
+    assert gc.freeze in registered  # set_up_process(), before main()

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import (
     Callback,
     LearningRateMonitor,
@@ -214,7 +215,7 @@ class GroupedSteps:
 
     def training_step(self: Any, batch: list[Batch], batch_idx: int) -> Tensor | None:
         trainer, optimizer = self.trainer, self.optimizers()
-        loss = None
+        outputs: list[tuple[Tensor, Tensor, Tensor]] = []
         for x, y in batch:
             if 0 <= trainer.max_steps <= trainer.global_step:
                 break
@@ -227,11 +228,15 @@ class GroupedSteps:
             for config in trainer.lr_scheduler_configs:
                 if config.interval == "step":
                     self.lr_scheduler_step(config.scheduler, None)
-            self.update_metrics("train", logits, y, loss, len(y))
+            outputs.append((logits.detach(), y, loss.detach()))
             self._log_loss(step, loss)
-        if loss is not None:
-            self.log("train/loss_step", loss, prog_bar=True, logger=False)  # the progress bar; loggers: _log_loss
-        return loss
+        if not outputs:
+            return None
+        logits, labels, losses = zip(*outputs, strict=True)  # the metrics updated once a group: the same means
+        sizes = torch.tensor([len(y) for y in labels], dtype=losses[0].dtype, device=losses[0].device)
+        self.update_metrics("train", torch.cat(logits), torch.cat(labels), torch.stack(losses), sizes)
+        self.log("train/loss_step", losses[-1], prog_bar=True, logger=False)  # the progress bar; loggers: _log_loss
+        return losses[-1]
 
     def _log_loss(self: Any, step: int, loss: Tensor) -> None:
         """The batch's loss to the loggers, where the textbook step's ``self.log("train/loss_step", loss)`` logs it:
