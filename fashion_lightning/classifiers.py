@@ -1,14 +1,14 @@
 """The tutorial's two models as LightningModules: `CNN` and `DenseBaseline`, each an `ImageClassifier` of its network.
 
-``CNN(fast=True)`` picks the network with fused CPU kernels (`fashion_lightning.fast.FastConvNet`), the same function
-with the same parameter names: a choice of network, not of training loop, so checkpoints of either load into the other.
+``fast=True`` picks the network with fused CPU kernels (`fashion_lightning.fast`), the same function with the same
+parameter names: a choice of network, not of training loop, so checkpoints of either load into the other.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from fashion_lightning.fast import FastConvNet
+from fashion_lightning.fast import FastConvNet, FastDenseNet
 from fashion_lightning.models import ConvNet, DenseNet
 from fashion_lightning.module import ImageClassifier
 
@@ -35,8 +35,9 @@ class DenseBaseline(ImageClassifier):
     Args:
         hidden1: width of the first per-row dense layer.
         hidden2: width of the second per-row dense layer.
+        fast: `FastDenseNet`, the same network through fused kernels, instead of `DenseNet`.
         **optim: `ImageClassifier`'s optimizer, schedule and init settings (lr, betas, eps, ...).
     """
 
-    def __init__(self, hidden1: int = 128, hidden2: int = 64, **optim: Any) -> None:
-        super().__init__(DenseNet(hidden1, hidden2), **optim)
+    def __init__(self, hidden1: int = 128, hidden2: int = 64, fast: bool = False, **optim: Any) -> None:
+        super().__init__((FastDenseNet if fast else DenseNet)(hidden1, hidden2), **optim)

@@ -1,5 +1,5 @@
-"""`FastConvNet`: the plain network's function, gradients and parameters, or the plain network itself wherever the
-kernels do not apply."""
+"""`FastConvNet` and `FastDenseNet`: the plain networks' function, gradients and parameters, or the plain networks
+themselves wherever the kernels do not apply."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fashion_lightning import CNN, ConvNet, keras_init_
-from fashion_lightning.fast import FastConvNet, networks
+from fashion_lightning import CNN, ConvNet, DenseBaseline, DenseNet, keras_init_
+from fashion_lightning.fast import FastConvNet, FastDenseNet, networks
 
-PAIRS = [(FastConvNet, ConvNet)]
+PAIRS = [(FastConvNet, ConvNet), (FastDenseNet, DenseNet)]
 
 
 def graph_ops(t: torch.Tensor) -> set[str]:
@@ -35,7 +35,7 @@ def graph_ops(t: torch.Tensor) -> set[str]:
 def fused(net: nn.Module, x: torch.Tensor) -> bool:
     """Whether ``net(x)`` ran a fused kernel."""
     ops = graph_ops(net(x.clone().requires_grad_()))
-    return "ConvPoolReLUBackward" in ops
+    return "ConvPoolReLUBackward" in ops or "TwoLinearReLUBackward" in ops
 
 
 def twins(fast: type, plain: type, seed: int = 0, **kwargs: int) -> tuple[nn.Module, nn.Module]:
@@ -65,7 +65,8 @@ def outputs_and_grads(net: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize(("fast", "plain", "kwargs"), [
     (FastConvNet, ConvNet, {"kernel_size": k}) for k in (1, 2, 3, 4, 5, 7)] + [
-    (FastConvNet, ConvNet, {"filters": 5, "hidden": 17})])
+    (FastConvNet, ConvNet, {"filters": 5, "hidden": 17}), (FastDenseNet, DenseNet, {}),
+    (FastDenseNet, DenseNet, {"hidden1": 9, "hidden2": 3})])
 def test_the_same_function_and_every_gradient_input_included(fast: type, plain: type, kwargs: dict) -> None:
     a, b = twins(fast, plain, **kwargs)
     x = tie_heavy_images(16)
@@ -105,9 +106,10 @@ HOOKS: dict[str, Callable[[nn.Module, list], object]] = {
 
 
 @pytest.mark.parametrize("hook", sorted(HOOKS))
-@pytest.mark.parametrize("where", ["conv", "pool", "flatten", "fc", "out"])
-def test_a_hook_on_a_layer_is_called(hook: str, where: str) -> None:
-    net, calls = FastConvNet(), []
+@pytest.mark.parametrize(("cls", "where"), [(FastConvNet, w) for w in ("conv", "pool", "flatten", "fc", "out")]
+                         + [(FastDenseNet, w) for w in ("row1", "row2", "flatten", "out")])
+def test_a_hook_on_a_layer_is_called(hook: str, cls: type, where: str) -> None:
+    net, calls = cls(), []
     HOOKS[hook](net.get_submodule(where), calls)
     x = torch.rand(2, 1, 28, 28)
     assert not fused(net, x)  # the plain forward: the hooked layer runs as itself
@@ -170,7 +172,7 @@ def test_the_plain_layers_run_where_the_kernels_do_not_apply(context: str, fast:
     a, b = twins(fast, plain)
     x = torch.rand(2, 1, 28, 28, requires_grad=True)
     out, expected = CONTEXTS[context](a, x), CONTEXTS[context](b, x)
-    assert not {"ConvPoolReLUBackward", "LinearReLUBackward"} & graph_ops(out)
+    assert not {"ConvPoolReLUBackward", "LinearReLUBackward", "TwoLinearReLUBackward"} & graph_ops(out)
     torch.testing.assert_close(out, expected)
 
 
@@ -183,10 +185,11 @@ def test_torchscript_compiles_the_plain_network_with_the_same_weights(fast: type
     assert fused(a, x)  # the network itself is unchanged
 
 
-def test_fast_is_a_choice_of_network_whose_checkpoint_loads_into_either() -> None:
-    fast = CNN(fast=True)
-    assert type(fast.net) is FastConvNet
-    plain = CNN()
+@pytest.mark.parametrize(("cls", "net"), [(CNN, FastConvNet), (DenseBaseline, FastDenseNet)])
+def test_fast_is_a_choice_of_network_whose_checkpoint_loads_into_either(cls: type, net: type) -> None:
+    fast = cls(fast=True)
+    assert type(fast.net) is net
+    plain = cls()
     plain.load_state_dict(fast.state_dict())
     x = torch.rand(3, 1, 28, 28)
     torch.testing.assert_close(fast.eval()(x), plain.eval()(x), atol=1e-5, rtol=1e-5)

@@ -96,7 +96,7 @@ def test_the_speed_group_picks_the_network_and_the_steps_per_execution(speed: st
                                                                        tmp_path: Path) -> None:
     cfg = compose_train(f"speed={speed}", f"model={model}", *quick_overrides(data_dir, tmp_path / "run"))
     fused, steps = SPEEDS[speed]
-    assert cfg.steps_per_execution == steps and cfg.get("model").get("fast", False) == (fused and model == "cnn")
+    assert cfg.steps_per_execution == steps and cfg.model.fast == fused
     assert compose_train().steps_per_execution == 64  # the app's default: speed=fast
     results = train(cfg)
     assert results["steps"] == 20 and results["val_acc_best"] > 0.3

@@ -1,8 +1,5 @@
-"""The tutorial's CNN with fused kernels: `FastConvNet` computes the same function as `ConvNet`, with the same
-parameters under the same names (their checkpoints interchange).
-
-(The dense baseline has none: its layers are single GEMMs already, and neither one autograd node per Linear + ReLU
-nor one for both hidden layers beat the plain modules in ``benchmarks/kernels.py``.)
+"""The tutorial's networks with fused kernels: `FastConvNet` and `FastDenseNet` compute the same function as
+`ConvNet` and `DenseNet`, with the same parameters under the same names (their checkpoints interchange).
 
 Their ``forward`` runs the kernels of `kernels` where those compute exactly the plain function: float32 CPU
 tensors, eager mode (not traced, scripted, compiled or exported), no autocast, the layers still the original
@@ -15,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from fashion_lightning.fast.kernels import ConvPoolReLU, linear_relu
-from fashion_lightning.models import ConvNet
+from fashion_lightning.fast.kernels import ConvPoolReLU, TwoLinearReLU, linear_relu
+from fashion_lightning.models import ConvNet, DenseNet
 
 HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 """Where ``nn.Module`` keeps the hooks registered on it (no public API lists them): a hook on a layer the kernels
@@ -83,6 +80,25 @@ class FastConvNet(ConvNet):
     def __prepare_scriptable__(self) -> ConvNet:
         """TorchScript compiles the plain network, sharing these layers."""
         return _plain_twin(self, ConvNet)
+
+
+class FastDenseNet(DenseNet):
+    """`DenseNet` whose two per-row hidden layers run as one `TwoLinearReLU`."""
+
+    def _fusable(self, x: Tensor) -> bool:
+        return (_plain_linear(self.row1) and _plain_linear(self.row2) and type(self.flatten) is nn.Flatten
+                and _eager_float32_cpu(self, x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self._fusable(x):
+            return super().forward(x)
+        row1, row2 = self.row1, self.row2
+        h = TwoLinearReLU.apply(x.reshape(-1, 28), row1.weight, row1.bias, row2.weight, row2.bias)
+        return self.out(h.view(x.shape[0], -1))  # = out(flatten(relu(row2(relu(row1(rows))))))
+
+    def __prepare_scriptable__(self) -> DenseNet:
+        """TorchScript compiles the plain network, sharing these layers."""
+        return _plain_twin(self, DenseNet)
 
 
 def _plain_twin(net: nn.Module, plain: type[nn.Module]) -> nn.Module:
