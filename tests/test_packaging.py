@@ -43,4 +43,4 @@ def test_wheel_installs_with_configs_and_runs_from_anywhere(tmp_path: Path) -> N
     assert Path(lines[2]).is_file()  # the serve page
     job = subprocess.run([python, "-m", "fashion_lightning.train", "experiment=seed_dense", "--cfg", "job"],
                          cwd=elsewhere, check=True, capture_output=True, text=True).stdout
-    assert "_target_: fashion_lightning.DenseBaseline" in job and "max_epochs: 10" in job and "fast: true" in job
+    assert "_target_: fashion_lightning.DenseBaseline" in job and "max_epochs: 10" in job and "fused_kernels: true" in job

@@ -133,7 +133,7 @@ def test_a_resume_from_an_epochs_last_step_starts_the_next_epochs_means_afresh(d
                                                                               tmp_path: Path) -> None:
     """Saved at an epoch's last step, the checkpoint holds that epoch's whole running means; Lightning resumes at
     the next epoch without ending it, and the next epoch's train/acc must not average over both."""
-    textbook = "speed=reference"
+    textbook = "steps_per_execution=1"  # one batch a step: checkpoints every n training steps
     whole = train(compose_train(*run_overrides(data_dir, tmp_path / "whole"), textbook))
     every_epoch = ["+callbacks.steps._target_=lightning.pytorch.callbacks.ModelCheckpoint",
                    f"+callbacks.steps.dirpath={tmp_path / 'steps'}", "+callbacks.steps.every_n_train_steps=24",
