@@ -20,5 +20,3 @@ def is_seed(value: object) -> bool:
     """Whether ``value`` is a seed Lightning's ``seed_everything`` takes: an integer in 0..2**32 - 1."""
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**32
 
-
-from fashion_lightning.app import reported_as_one_line  # noqa: E402,F401  TEMP until the apps import it from app

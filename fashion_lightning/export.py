@@ -15,9 +15,8 @@ from torch import Tensor, nn
 
 from fashion_lightning.checkpoint import load_trained, run_dir_of
 from fashion_lightning.data import CLASS_NAMES, to_input
-from fashion_lightning.errors import UserError, reported_as_one_line
-from fashion_lightning.startup import skip_collection_at_exit
-from fashion_lightning.train import CONFIG_DIR
+from fashion_lightning.app import CONFIG_DIR, reported_as_one_line, set_up_process
+from fashion_lightning.errors import UserError
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 TOLERANCE = 1e-5
@@ -107,5 +106,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    skip_collection_at_exit()
+    set_up_process()
     main()

@@ -38,10 +38,9 @@ from omegaconf import DictConfig
 from fashion_lightning import images
 from fashion_lightning.checkpoint import load_trained, trained_model
 from fashion_lightning.data import CLASS_NAMES
-from fashion_lightning.errors import UserError, check_positive_int, reported_as_one_line
+from fashion_lightning.app import CONFIG_DIR, reported_as_one_line, set_up_process
+from fashion_lightning.errors import UserError, check_positive_int
 from fashion_lightning.images import ImageError, open_image, probabilities, ranked
-from fashion_lightning.startup import skip_collection_at_exit
-from fashion_lightning.train import CONFIG_DIR
 
 try:  # the serve extra
     import litserve as ls
@@ -323,5 +322,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    skip_collection_at_exit()
+    set_up_process()
     main()

@@ -20,7 +20,6 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig
 
 from fashion_lightning.app import CONFIG_DIR, reported_as_one_line, set_up_process, write_json
-from fashion_lightning.app import as_list, write_text  # noqa: F401  TEMP re-exports for serve/tune/export
 from fashion_lightning.callbacks import EpochTimer
 from fashion_lightning.checkpoint import check_compatible, check_same_data, read_checkpoint
 from fashion_lightning.errors import UserError, check_positive_int, is_seed

@@ -25,9 +25,9 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from fashion_lightning.errors import UserError, check_positive_int, is_seed, reported_as_one_line
-from fashion_lightning.startup import skip_collection_at_exit
-from fashion_lightning.train import CONFIG_DIR, route_lightning_logs, train, write_json, write_text
+from fashion_lightning.app import CONFIG_DIR, reported_as_one_line, set_up_process, write_json, write_text
+from fashion_lightning.errors import UserError, check_positive_int, is_seed
+from fashion_lightning.train import route_lightning_logs, train
 
 try:
     import optuna
@@ -307,5 +307,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    skip_collection_at_exit()
+    set_up_process()
     main()

@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir
 from fashion_lightning import FashionMNISTDataModule
 from fashion_lightning import export as export_app
 from fashion_lightning.checkpoint import load_model
-from fashion_lightning.train import CONFIG_DIR
+from fashion_lightning.app import CONFIG_DIR
 
 
 def export(*args: str, cwd: Path) -> subprocess.CompletedProcess:

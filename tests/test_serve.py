@@ -19,7 +19,7 @@ from fashion_lightning.checkpoint import trained_model
 from fashion_lightning.data import CLASS_NAMES
 from fashion_lightning.images import open_image, probabilities
 from fashion_lightning.predict import predict
-from fashion_lightning.train import CONFIG_DIR
+from fashion_lightning.app import CONFIG_DIR
 
 requests = pytest.importorskip("requests", reason="the serve tests need requests (pip install -e '.[test]')")
 serve = pytest.importorskip("fashion_lightning.serve", reason="needs the serve extra: pip install -e '.[serve]'")

@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 from conftest import quick_overrides
 from fashion_lightning import UserError
-from fashion_lightning.train import CONFIG_DIR
+from fashion_lightning.app import CONFIG_DIR
 
 tune = pytest.importorskip("fashion_lightning.tune", reason="needs the tune extra: pip install -e '.[tune]'")
 optuna = pytest.importorskip("optuna")
@@ -29,9 +29,7 @@ def compose_tune(*overrides: str) -> DictConfig:
 class Interrupt(L.Callback):
     """Ctrl-C in the middle of a fit, as SaveOnInterrupt turns a SIGINT into."""
 
-    takes_batch_lists = True
-
-    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+    def on_before_backward(self, trainer: L.Trainer, *args: object) -> None:
         if trainer.global_step >= 3:
             raise KeyboardInterrupt("stopped by SIGINT")
 
