@@ -9,11 +9,22 @@
   checkpoint.
 
 Requests from many clients are batched into one forward pass (``max_batch_size``, ``batch_timeout``).
+
+A killed inference worker (``kill -9``, the OOM killer) is started again: LitServe's ``restart_workers`` (0.2.x)
+replaces it within about 2 s, ``/health`` answering 503 until the new one has loaded the model. Requests that
+arrive meanwhile wait in the queue and are answered by the new worker; one the dead worker had taken is answered
+504 after ``2 * timeout`` seconds instead of never (`FrontDoor`).
+
+With an API key (``api_key``, by default ``$FASHION_LIGHTNING_API_KEY``), every request but ``GET /`` (the page)
+and ``GET /health`` must carry it in the ``X-API-Key`` header, else 401; listening beyond 127.0.0.1 without a key
+is refused unless ``allow_no_key=true``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
+import hmac
 import io
 import json
 import os
@@ -173,17 +184,25 @@ class FashionMNISTAPI(ls.LitAPI):
 
 
 class FrontDoor:
-    """ASGI middleware in front of LitServe's routes: ``GET /`` answers the page; a ``POST /predict`` body that
-    is too large, of another content type, or not parseable is refused with a 4xx here (LitServe would answer
-    such bodies with a 500). The body is then handed on unchanged."""
+    """ASGI middleware in front of LitServe's routes: ``GET /`` answers the page; with an API key, any other request
+    but ``GET /health`` without it is refused with a 401 before its body is read; a ``POST /predict`` body that is
+    too large, of another content type, or not parseable is refused with a 4xx here (LitServe would answer such
+    bodies with a 500). The body is then handed on unchanged, and a request LitServe has not answered within
+    ``answer_within`` seconds (one taken by a worker that died: LitServe would wait for it forever) gets a 504."""
 
-    def __init__(self, app: ASGIApp, page: bytes, max_bytes: int) -> None:
-        self.app, self.page, self.max_bytes = app, page, max_bytes
+    def __init__(self, app: ASGIApp, page: bytes, max_bytes: int, api_key: str | None, answer_within: float) -> None:
+        self.app, self.page, self.max_bytes, self.answer_within = app, page, max_bytes, answer_within
+        self.api_key = api_key.encode() if api_key else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] == "/" and scope["method"] in ("GET", "HEAD"):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if scope["path"] == "/" and scope["method"] in ("GET", "HEAD"):
             return await HTMLResponse(self.page)(scope, receive, send)
-        if scope["type"] != "http" or scope["path"] != "/predict" or scope["method"] != "POST":
+        if self.api_key and scope["path"] != "/health" and not self.authorized(scope):
+            detail = "missing or wrong API key: send it in the X-API-Key header"
+            return await JSONResponse({"detail": detail}, status_code=401)(scope, receive, send)
+        if scope["path"] != "/predict" or scope["method"] != "POST":
             return await self.app(scope, receive, send)
         body, problem = await self.read_body(receive)
         replayed = False
@@ -200,7 +219,27 @@ class FrontDoor:
             replayed = False
         if problem is not None:
             return await JSONResponse({"detail": problem.detail}, status_code=problem.status)(scope, receive, send)
-        await self.app(scope, replay, send)
+        await self.answered_in_time(scope, replay, send)
+
+    def authorized(self, scope: Scope) -> bool:
+        given = dict(scope["headers"]).get(b"x-api-key", b"")
+        return hmac.compare_digest(given, self.api_key)
+
+    async def answered_in_time(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = False
+
+        async def watched(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await asyncio.wait_for(self.app(scope, receive, watched), self.answer_within)
+        except asyncio.TimeoutError:
+            if started:
+                raise
+            detail = f"no answer in {self.answer_within:g} s (the inference worker died or is overloaded); try again"
+            await JSONResponse({"detail": detail}, status_code=504)(scope, receive, send)
 
     async def read_body(self, receive: Receive) -> tuple[bytes, Rejected | None]:
         chunks, size = [], 0
@@ -242,9 +281,11 @@ def build_server(cfg: DictConfig) -> ls.LitServer:
         raise UserError(f"invert must be one of {', '.join(images.INVERT)}, got {cfg.invert!r}")
     for key in ("top_k", "max_images", "max_batch_size", "workers", "threads"):
         check_positive_int(key, cfg[key])
-    for key in ("max_upload_mb", "max_megapixels", "batch_timeout"):
+    for key in ("max_upload_mb", "max_megapixels", "batch_timeout", "timeout"):
         if isinstance(cfg[key], bool) or not isinstance(cfg[key], int | float) or not cfg[key] > 0:
             raise UserError(f"{key} must be a positive number, got {cfg[key]!r}")
+    if cfg.batch_timeout >= cfg.timeout:
+        raise UserError(f"batch_timeout must be less than timeout ({cfg.timeout:g} s), got {cfg.batch_timeout:g}")
     path, model, scale = load_trained(cfg, "serve")
     api = FashionMNISTAPI(str(path.resolve()), cfg.top_k, cfg.invert, cfg.max_images,
                           cfg.max_megapixels, cfg.max_batch_size, float(cfg.batch_timeout), cfg.threads)
@@ -252,8 +293,25 @@ def build_server(cfg: DictConfig) -> ls.LitServer:
             "parameters": sum(p.numel() for p in model.parameters()), "scaled_inputs": scale, "top_k": cfg.top_k,
             "max_images": cfg.max_images, "max_upload_mb": cfg.max_upload_mb}
     page = PAGE.read_bytes()
+    door = {"page": page, "max_bytes": int(cfg.max_upload_mb * 2**20), "api_key": cfg.api_key,
+            "answer_within": 2 * float(cfg.timeout)}
     return ls.LitServer(api, accelerator="cpu", workers_per_device=cfg.workers, model_metadata=info,
-                        middlewares=[(FrontDoor, {"page": page, "max_bytes": int(cfg.max_upload_mb * 2**20)})])
+                        timeout=float(cfg.timeout), restart_workers=True, middlewares=[(FrontDoor, door)])
+
+
+def check_access(cfg: DictConfig) -> None:
+    """A `UserError` for an unusable ``api_key`` (the key itself never shown), or for a server listening beyond
+    127.0.0.1 without one unless ``allow_no_key`` says so (then a warning on stderr)."""
+    key = cfg.api_key
+    if key is not None and (not isinstance(key, str) or not key):
+        got = "an empty string" if key == "" else f"a value of type {type(key).__name__}"
+        raise UserError(f"api_key (or $FASHION_LIGHTNING_API_KEY) must be a non-empty string or null, got {got}")
+    if key is None and cfg.host in ("0.0.0.0", "::"):
+        if not cfg.allow_no_key:
+            raise UserError(f"host={cfg.host} listens beyond this machine without an API key; set "
+                            "FASHION_LIGHTNING_API_KEY, or allow_no_key=true to serve it open")
+        print(f"warning: host={cfg.host} without an API key: anyone who reaches the port can use it",
+              file=sys.stderr)
 
 
 def check_port(host: str, port: Any) -> None:
@@ -316,6 +374,7 @@ def in_background(ckpt_path: str | Path, *overrides: str, timeout: float = 180) 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="serve")
 def main(cfg: DictConfig) -> None:
     with reported_as_one_line():
+        check_access(cfg)
         check_port(cfg.host, cfg.port)
         server = build_server(cfg)
     server.run(host=cfg.host, port=cfg.port, generate_client_file=False, log_level=cfg.log_level)

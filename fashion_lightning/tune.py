@@ -3,7 +3,9 @@
 Each trial is a training run (``<study dir>/trial_<n>/``) chosen on its validation accuracy, pruned from its
 validation curve (`optuna_integration.PyTorchLightningPruningCallback`) and never tested. The study lives in a
 database (SQLite in the study directory by default, any SQLAlchemy URL), so a search stopped with Ctrl-C resumes
-where it stopped, the interrupted trial run again, and several processes can search one study. At the end the
+where it stopped, the interrupted trial run again, and several processes can search one study: trial n draws from a
+sampler seeded with the config's ``seed`` and n (`TrialSeededTPE`), so the processes draw differently and the study
+is reproducible from its seed. At the end the
 study directory gets ``trials.csv``, ``summary.md`` and Optuna's plots, and the best trial is trained again with
 each of ``tune.seeds`` and tested once (``best/seed_<s>/``).
 
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from fashion_lightning.app import CONFIG_DIR, reported_as_one_line, set_up_process, write_json, write_text
@@ -32,7 +35,8 @@ from fashion_lightning.train import route_lightning_logs, train
 try:
     import optuna
     import sqlalchemy.exc
-    from optuna.trial import Trial, TrialState
+    from optuna.distributions import BaseDistribution
+    from optuna.trial import FrozenTrial, Trial, TrialState
     from optuna_integration import PyTorchLightningPruningCallback
 except ImportError as err:  # pragma: no cover - the message names the extra
     raise ImportError("fashion_lightning.tune needs the tune extra: pip install 'fashion_lightning[tune]'") from err
@@ -104,6 +108,8 @@ def check_known(config: DictConfig, key: str) -> None:
 def check_settings(cfg: DictConfig) -> None:
     """One clear error, before the study opens, for a ``tune`` setting that Optuna (or a trial) would fail on later."""
     t = cfg.tune
+    if not is_seed(cfg.seed):  # the sampler's too
+        raise UserError(f"seed must be an integer in 0..{2**32 - 1}, got {cfg.seed!r}")
     check_positive_int("tune.n_trials", t.n_trials)
     for key, value, optional in (("heartbeat_s", t.heartbeat_s, False), ("timeout_s", t.timeout_s, True)):
         if not (optional and value is None) and not (_number(value) and value > 0):
@@ -122,6 +128,46 @@ def trial_config(cfg: DictConfig, values: Mapping[str, Any], run_dir: Path, **se
         check_known(run, key)
         OmegaConf.update(run, key, value, merge=False)
     return run
+
+
+class TrialSeededTPE(optuna.samplers.BaseSampler):
+    """Optuna's TPE sampler, seeded afresh for each trial from the config's ``seed`` and the trial's number.
+
+    The database numbers trials uniquely, so processes searching one study never draw alike (one `TPESampler`
+    seeded with ``seed`` in each would try the same parameters), and the study stays reproducible from its seed:
+    trial n draws the same random numbers whichever process runs it. Its first trials (TPE's random start) are
+    thereby the same; later ones depend also on the trials finished by then, as TPE's always do.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self.by_trial: dict[int, optuna.samplers.TPESampler] = {}
+
+    def tpe(self, trial: FrozenTrial) -> optuna.samplers.TPESampler:
+        """The sampler of ``trial``, seeded with (``seed``, its number)."""
+        if trial.number not in self.by_trial:
+            seed = int(np.random.SeedSequence([self.seed, trial.number]).generate_state(1)[0])
+            self.by_trial[trial.number] = optuna.samplers.TPESampler(seed=seed)
+        return self.by_trial[trial.number]
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self.tpe(trial).before_trial(study, trial)
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
+        return self.tpe(trial).infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial,
+                        search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+        return self.tpe(trial).sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
+                           param_distribution: BaseDistribution) -> Any:
+        return self.tpe(trial).sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState,
+                    values: Sequence[float] | None) -> None:
+        self.tpe(trial).after_trial(study, trial, state, values)
+        del self.by_trial[trial.number]
 
 
 def open_study(cfg: DictConfig) -> optuna.Study:
@@ -147,7 +193,7 @@ def open_study(cfg: DictConfig) -> optuna.Study:
                                           n_warmup_steps=t.pruner.warmup_epochs)
               if t.pruner.enabled else optuna.pruners.NopPruner())
     return optuna.create_study(study_name=t.study, storage=storage, direction="maximize", load_if_exists=True,
-                               sampler=optuna.samplers.TPESampler(seed=cfg.seed), pruner=pruner)
+                               sampler=TrialSeededTPE(cfg.seed), pruner=pruner)
 
 
 def requeue_interrupted(study: optuna.Study) -> None:

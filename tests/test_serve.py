@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import io
+import os
+import signal
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
 from pathlib import Path
 
 import numpy as np
@@ -200,6 +206,10 @@ def test_bad_start_is_one_clear_line(tmp_path: Path, trained_run: Path) -> None:
     for args, message in (([], "ckpt_path is required: python -m fashion_lightning.serve ckpt_path="),
                           (["ckpt_path=missing.ckpt"], "ckpt_path='missing.ckpt' does not exist"),
                           (["ckpt_path=foreign.ckpt"], "is not a fashion_lightning checkpoint"),
+                          ([f"ckpt_path={ckpt}", "api_key=''"], "api_key (or $FASHION_LIGHTNING_API_KEY) must be a "
+                                                               "non-empty string or null, got an empty string"),
+                          ([f"ckpt_path={ckpt}", "host=0.0.0.0"], "host=0.0.0.0 listens beyond this machine without "
+                                                                  "an API key; set FASHION_LIGHTNING_API_KEY"),
                           ([f"ckpt_path={ckpt}", "port=80"], "port must be an integer in 1024-65535, got 80"),
                           ([f"ckpt_path={ckpt}", "invert=maybe"], "invert must be one of auto, always, never")):
         done = run_serve(*args, cwd=tmp_path)
@@ -213,3 +223,74 @@ def test_a_port_in_use_is_one_clear_line(tmp_path: Path, server_url: str, traine
     done = run_serve(f"ckpt_path={trained_run / 'checkpoints' / 'best.ckpt'}", f"port={port}", cwd=tmp_path)
     assert done.returncode == 1 and f"port {port} is already in use" in done.stderr, done.stderr
 
+
+
+KEY = {"X-API-Key": "k3y-for-the-test"}
+
+
+@pytest.fixture(scope="module")
+def guarded_url(trained_run: Path) -> Iterator[str]:
+    """A server of its own (its worker is killed) with an API key from the environment, and ``timeout=2``."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("FASHION_LIGHTNING_API_KEY", KEY["X-API-Key"])  # the server inherits it
+        with serve.in_background(trained_run / "checkpoints" / "best.ckpt", "timeout=2") as url:
+            yield url
+
+
+def test_an_api_key_is_asked_of_every_request_but_the_page_and_health(guarded_url: str) -> None:
+    url, pixels = guarded_url, {"pixels": np.zeros((28, 28)).tolist()}
+    for headers in ({}, {"X-API-Key": "wrong"}, {"X-API-Key": ""}):
+        response = requests.post(f"{url}/predict", json=pixels, headers=headers, timeout=60)
+        assert response.status_code == 401 and "X-API-Key" in response.json()["detail"], headers
+    malformed = requests.post(f"{url}/predict", data="{pixels: ", headers={"Content-Type": "application/json"},
+                              timeout=60)
+    assert malformed.status_code == 401  # refused before its body is read
+    assert [requests.get(f"{url}/{path}", timeout=10).status_code for path in ("info", "openapi.json")] == [401] * 2
+    answer = requests.post(f"{url}/predict", json=pixels, headers=KEY, timeout=60)
+    assert answer.status_code == 200 and len(answer.json()["predictions"]) == 1
+    assert requests.get(f"{url}/info", headers=KEY, timeout=10).status_code == 200
+    assert [requests.get(f"{url}{path}", timeout=10).status_code for path in ("/", "/health")] == [200, 200]
+
+
+def inference_workers(url: str) -> list[int]:
+    """The pids of the inference workers of the server at ``url``: the processes that LitServe spawned (not forked)
+    from it, read from /proc."""
+    table = {}
+    for entry in Path("/proc").iterdir():
+        with suppress(OSError, IndexError, ValueError):  # a process that ended meanwhile; not a process
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            table[int(entry.name)] = parent, (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+    server = {pid for pid, (_, args) in table.items()
+              if "fashion_lightning.serve" in args and f"port={url.rsplit(':', 1)[1]}" in args}
+    return [pid for pid, (parent, args) in table.items() if parent in server and any("spawn_main" in a for a in args)]
+
+
+def test_a_killed_inference_worker_is_started_again_and_no_request_hangs(guarded_url: str, items: tuple) -> None:
+    url, good = guarded_url, {"file": ("item.png", items[0][0])}
+    expected = requests.post(f"{url}/predict", files=good, headers=KEY, timeout=60).json()["predictions"][0]
+    (worker,) = inference_workers(url)
+    stop = threading.Event()
+
+    def client() -> list[tuple[int, float]]:  # requests before, during and after the kill
+        answers = []
+        while not stop.is_set():
+            start = time.monotonic()
+            status = requests.post(f"{url}/predict", files=good, headers=KEY, timeout=60).status_code
+            answers.append((status, time.monotonic() - start))
+        return answers
+
+    with ThreadPoolExecutor(4) as pool:
+        clients = [pool.submit(client) for _ in range(4)]
+        time.sleep(0.3)  # the worker busy with their requests
+        os.kill(worker, signal.SIGKILL)
+        deadline = time.monotonic() + 90
+        while not (inference_workers(url) not in ([], [worker])
+                   and requests.get(f"{url}/health", timeout=10).status_code == 200):
+            assert time.monotonic() < deadline, "no new inference worker ready 90 s after the kill"
+            time.sleep(0.2)
+        stop.set()
+        answers = [answer for c in clients for answer in c.result()]
+    assert {status for status, _ in answers} <= {200, 504}, answers  # 504: taken by the dead worker, or queued
+    assert max(seconds for _, seconds in answers) < 10, answers  # twice timeout=2, and slack: none hangs
+    again = requests.post(f"{url}/predict", files=good, headers=KEY, timeout=60)
+    assert again.status_code == 200 and same_answer(again.json()["predictions"][0], expected)

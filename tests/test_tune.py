@@ -121,3 +121,19 @@ def test_two_processes_search_one_study(data_dir: Path, tmp_path: Path) -> None:
     assert len(complete) >= 4 and len({t.user_attrs["run_dir"] for t in complete}) == len(complete)
     assert all((Path(t.user_attrs["run_dir"]) / "results.json").is_file() for t in complete)
     assert (study_dir / "best" / "seed_1" / "results.json").is_file()
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # trials asked outside optimize
+def test_two_searchers_of_one_study_draw_different_trials_reproducibly(tmp_path: Path) -> None:
+    def first_trials(study_dir: Path, processes: int) -> list[dict]:
+        """The parameters of trials 0 and 1 when ``processes`` searchers (1 or 2) open the study as `tune` does."""
+        study_dir.mkdir()
+        cfg = compose_tune(f"tune.study_dir={study_dir}")
+        searchers = [tune.open_study(cfg) for _ in range(processes)]
+        trials = [searchers[i % processes].ask() for i in range(2)]
+        return [tune.suggest(trial, cfg.tune.space) for trial in trials]
+
+    two = first_trials(tmp_path / "two", 2)
+    assert two[0] != two[1]
+    assert first_trials(tmp_path / "again", 2) == two  # reproducible from the seed
+    assert first_trials(tmp_path / "one", 1) == two  # whichever process draws trial n
