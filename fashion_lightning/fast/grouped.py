@@ -156,11 +156,9 @@ def check_fit(trainer: L.Trainer, module: L.LightningModule) -> None:
         if not _accepted(callback):
             raise UserError(f"callback {type(callback).__name__} acts on each training batch, and a training step "
                             f"here is a group of batches; {WAY_OUT}")
-    for setting, default in (("val_check_interval", 1.0), ("limit_train_batches", 1.0)):
-        value = getattr(trainer, setting)
-        if isinstance(value, float) and value != default:
-            raise UserError(f"Trainer({setting}={value!r}) would be counted in groups of batches; give "
-                            f"limit_train_batches as a number of batches, or {WAY_OUT}")
+    if isinstance(trainer.limit_train_batches, float) and trainer.limit_train_batches != 1.0:
+        raise UserError(f"Trainer(limit_train_batches={trainer.limit_train_batches!r}) would be counted in groups "
+                        f"of batches; give it as a number of batches, or {WAY_OUT}")
     if trainer.val_check_interval != 1.0:
         raise UserError(f"Trainer(val_check_interval={trainer.val_check_interval!r}) would count groups of "
                         f"batches; {WAY_OUT}")
@@ -172,10 +170,10 @@ def check_fit(trainer: L.Trainer, module: L.LightningModule) -> None:
                             f"frequency={config.frequency}); {WAY_OUT}")
     loader = trainer.train_dataloader
     if isinstance(loader, GroupedBatches):  # fails now, not at the cut, where max_steps cannot be honoured
-        start, steps = loader.loader.start(), trainer.global_step
-        while steps < trainer.max_steps and (trainer.max_epochs < 0 or trainer.current_epoch < trainer.max_epochs):
+        start, steps, epoch = loader.loader.start(), trainer.global_step, trainer.current_epoch
+        while steps < trainer.max_steps and (trainer.max_epochs < 0 or epoch < trainer.max_epochs):
             loader.ends(start, steps)
-            steps, start = steps + loader.num_batches - start, 0
+            steps, start, epoch = steps + loader.num_batches - start, 0, epoch + 1
 
 
 def _accepted(callback: Callback) -> bool:
