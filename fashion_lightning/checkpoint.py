@@ -1,26 +1,26 @@
-"""Reading fashion_lightning checkpoints: one clear error for a missing, corrupt, foreign or mismatched file."""
+"""Reading fashion_lightning checkpoints: one clear error for a missing, damaged, unsafe, foreign or mismatched file.
+
+Nothing in a checkpoint runs code: the file is unpickled weights-only (`checkpoint_io.load_checkpoint_file`), and the
+model rebuilt is one of `TRAINED_CLASSES`, whatever the file names."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
+from fashion_lightning.checkpoint_io import load_checkpoint_file
 from fashion_lightning.errors import UserError
 from fashion_lightning.module import CHECKPOINT_KEY, ImageClassifier
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint file on the CPU, with one clear error if it is missing, corrupt or not ours."""
+    """Load a checkpoint file on the CPU, with one clear error if it is missing, damaged, unsafe or not ours."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise UserError(f"ckpt_path={str(path)!r} does not exist; pass a .ckpt file written by fashion_lightning")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001 - pickle, zip and torch errors all mean "not a checkpoint"
-        raise UserError(f"ckpt_path={str(path)!r} is not a readable checkpoint ({type(err).__name__}: {err})") from None
+    checkpoint = load_checkpoint_file(path, map_location="cpu")
     if not isinstance(checkpoint, dict) or CHECKPOINT_KEY not in checkpoint:
         raise UserError(f"ckpt_path={str(path)!r} is not a fashion_lightning checkpoint (no {CHECKPOINT_KEY!r})")
     return checkpoint
@@ -56,23 +56,30 @@ def check_same_data(checkpoint: dict[str, Any], datamodule: Any, path: str | Pat
                         "resume with the checkpoint's (its experiment=...), or start a new run")
 
 
-def model_from_checkpoint(checkpoint: dict[str, Any]) -> ImageClassifier:
-    """Rebuild the model of a checkpoint already read with `read_checkpoint` (on the CPU, in eval mode)."""
-    from fashion_lightning import CNN, DenseBaseline  # the classes a checkpoint may name; never an import it names
+TRAINED_CLASSES = ("CNN", "DenseBaseline")
+"""The classes `model_from_checkpoint` rebuilds, looked up by the class name a checkpoint records in the package's
+top level (older checkpoints record another module path)."""
 
-    class_name = checkpoint[CHECKPOINT_KEY].rpartition(":")[2]
-    cls = {"CNN": CNN, "DenseBaseline": DenseBaseline}.get(class_name)
-    if cls is None:
-        raise UserError(f"the checkpoint holds a {class_name}, not a CNN or DenseBaseline: load it with "
-                        f"{class_name}.load_from_checkpoint(path)")
-    model = cls(**checkpoint.get("hyper_parameters", {}))
+
+def model_from_checkpoint(checkpoint: dict[str, Any], path: str | Path) -> ImageClassifier:
+    """Rebuild the model of a checkpoint already read from ``path`` with `read_checkpoint` (on the CPU, in eval
+    mode): one of `TRAINED_CLASSES`, never an import the checkpoint names."""
+    import fashion_lightning  # here, not above: the package imports the modules that import this one
+
+    saved = str(checkpoint[CHECKPOINT_KEY])
+    class_name = saved.rpartition(":")[2]
+    if class_name not in TRAINED_CLASSES:
+        raise UserError(f"ckpt_path={str(path)!r} holds a {saved!r} model, not one of fashion_lightning's "
+                        f"{', '.join(TRAINED_CLASSES)}; load it with {class_name or 'its class'}"
+                        ".load_from_checkpoint(ckpt_path) instead")
+    model = getattr(fashion_lightning, class_name)(**checkpoint.get("hyper_parameters", {}))
     model.load_state_dict(checkpoint["state_dict"])
     return model.eval()
 
 
 def load_model(path: str | Path) -> ImageClassifier:
     """Rebuild the trained model saved in a fashion_lightning checkpoint file (on the CPU, in eval mode)."""
-    return model_from_checkpoint(read_checkpoint(path))
+    return model_from_checkpoint(read_checkpoint(path), path)
 
 
 def trained_model(path: str | Path) -> tuple[ImageClassifier, bool]:
@@ -80,7 +87,7 @@ def trained_model(path: str | Path) -> tuple[ImageClassifier, bool]:
     (``scale``, read from the checkpoint's datamodule settings)."""
     checkpoint = read_checkpoint(path)
     scale = checkpoint.get("datamodule_hyper_parameters", {}).get("scale", True)
-    return model_from_checkpoint(checkpoint), bool(scale)
+    return model_from_checkpoint(checkpoint, path), bool(scale)
 
 
 def load_trained(cfg: DictConfig, command: str) -> tuple[Path, ImageClassifier, bool]:

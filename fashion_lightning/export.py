@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +15,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from fashion_lightning.checkpoint import load_trained, run_dir_of
-from fashion_lightning.data import CLASS_NAMES, to_input
 from fashion_lightning.app import CONFIG_DIR, reported_as_one_line, set_up_process
+from fashion_lightning.checkpoint import load_trained, run_dir_of
+from fashion_lightning.checkpoint_io import write_atomically
+from fashion_lightning.data import CLASS_NAMES, to_input
 from fashion_lightning.errors import UserError
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
@@ -38,34 +41,43 @@ class Probabilities(nn.Module):
         return logits.softmax(dim=1)
 
 
-def write_onnx(model: nn.Module, example: Tensor, path: Path) -> Any:
-    """Write ONNX with a dynamic batch dimension; return a function running it with onnxruntime."""
+Exported = tuple[bytes, Callable[[Tensor], Tensor]]
+"""An exported model's file content, and a function running that content loaded back."""
+
+
+def to_onnx(model: nn.Module, example: Tensor) -> Exported:
+    """ONNX with a dynamic batch dimension, run with onnxruntime."""
     try:
         import onnxruntime
     except ImportError:
         raise UserError('format=onnx needs the onnx extra: pip install "fashion_lightning[onnx]"') from None
+    buffer = io.BytesIO()
     with warnings.catch_warnings():  # the TorchScript-based exporter: no extra dependency, exact for these ops
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (example,), str(path), input_names=["images"], output_names=["probabilities"],
+        torch.onnx.export(model, (example,), buffer, input_names=["images"], output_names=["probabilities"],
                           dynamic_axes={"images": {0: "batch"}, "probabilities": {0: "batch"}}, dynamo=False)
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return lambda x: torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
+    session = onnxruntime.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
+    return buffer.getvalue(), lambda x: torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
 
 
-def write_torchscript(model: nn.Module, example: Tensor, path: Path) -> Any:
-    """Write a traced TorchScript module; return a function running the file loaded back."""
+def to_torchscript(model: nn.Module, example: Tensor) -> Exported:
+    """A traced TorchScript module, serialized in memory: torch's own file writer aborts the process on a disk
+    error (``c10::Error`` in a destructor), Python's raises an ``OSError``."""
+    buffer = io.BytesIO()
     with warnings.catch_warnings():  # torch.jit is deprecated in favour of torch.export, but still the portable format
         warnings.simplefilter("ignore")
-        torch.jit.save(torch.jit.trace(model, example), str(path))
-        loaded = torch.jit.load(str(path))
-    return lambda x: loaded(x)
+        torch.jit.save(torch.jit.trace(model, example), buffer)
+        buffer.seek(0)
+        loaded = torch.jit.load(buffer)
+    return buffer.getvalue(), lambda x: loaded(x)
 
 
 def export(cfg: DictConfig) -> dict[str, Any]:
     """Export ``cfg.ckpt_path`` as ``cfg.format``, check it against PyTorch on 256 test images, return a summary.
 
-    The file is written under its name only once its probabilities match PyTorch's within 1e-5 (an earlier export
-    there is otherwise left as it was); a JSON file beside it records the class names and the input scaling.
+    The file is written under its name only once its probabilities match PyTorch's within 1e-5, and atomically
+    (`write_atomically`): an earlier export there is otherwise left whole, also by a full disk or a kill. A JSON file
+    beside it records the class names and the input scaling.
     """
     if cfg.format not in FORMATS:
         raise UserError(f"format must be one of {', '.join(FORMATS)}, got {cfg.format!r}")
@@ -76,25 +88,18 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     datamodule = instantiate(cfg.data)
     datamodule.setup("test")
     images = to_input(datamodule.test_set[0][:256], scale)
-    sidecar = out.with_suffix(out.suffix + ".json")
-    partial, partial_sidecar = (p.with_name(p.name + ".partial") for p in (out, sidecar))
-    try:  # written beside, checked, then renamed: never a half-written or unchecked model under the name
-        with torch.no_grad():
-            run = (write_onnx if cfg.format == "onnx" else write_torchscript)(model, images[:2], partial)
-            expected = trained.predict_step(images)[0]  # what predict and serve answer
-            difference = (run(images) - expected).abs().max().item()
-        if not difference <= TOLERANCE:
-            raise UserError(f"the exported {cfg.format} model differs from PyTorch by {difference:.2e} "
-                            f"(> {TOLERANCE}) on 256 test images; nothing was written")
-        info = {"file": str(out), "format": cfg.format, "input": "float32 (N, 1, 28, 28), "
-                + ("pixels / 255" if scale else "raw 0-255 pixels"), "output": "probabilities (N, 10)",
-                "classes": list(CLASS_NAMES), "max_abs_difference_vs_pytorch": difference}
-        partial_sidecar.write_text(json.dumps(info, indent=2) + "\n")
-        partial.replace(out)
-        partial_sidecar.replace(sidecar)
-    finally:
-        partial.unlink(missing_ok=True)
-        partial_sidecar.unlink(missing_ok=True)
+    with torch.no_grad():  # checked in memory, then written: never a half-written or unchecked model under the name
+        content, run = (to_onnx if cfg.format == "onnx" else to_torchscript)(model, images[:2])
+        expected = trained.predict_step(images)[0]  # what predict and serve answer
+        difference = (run(images) - expected).abs().max().item()
+    if not difference <= TOLERANCE:
+        raise UserError(f"the exported {cfg.format} model differs from PyTorch by {difference:.2e} "
+                        f"(> {TOLERANCE}) on 256 test images; nothing was written")
+    info = {"file": str(out), "format": cfg.format, "input": "float32 (N, 1, 28, 28), "
+            + ("pixels / 255" if scale else "raw 0-255 pixels"), "output": "probabilities (N, 10)",
+            "classes": list(CLASS_NAMES), "max_abs_difference_vs_pytorch": difference}
+    write_atomically(out, content)
+    write_atomically(out.with_suffix(out.suffix + ".json"), (json.dumps(info, indent=2) + "\n").encode())
     print(f"wrote {out} ({cfg.format}); probabilities match PyTorch within {difference:.1e} on 256 test images")
     return info
 

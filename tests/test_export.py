@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from test_checkpoint_io import small_disk
 
 from fashion_lightning import FashionMNISTDataModule
 from fashion_lightning import export as export_app
-from fashion_lightning.checkpoint import load_model
 from fashion_lightning.app import CONFIG_DIR
+from fashion_lightning.checkpoint import load_model
 
 
 def export(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -97,3 +98,21 @@ def test_a_model_that_fails_the_check_replaces_nothing(trained_run: Path, data_d
         export_app.export(cfg)
     assert out.read_bytes() == b"an earlier export" and out.with_suffix(".pt.json").read_text() == "{}"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt", "model.pt.json"]
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_an_export_on_a_full_disk_is_one_clear_error_and_keeps_the_earlier_one(fmt: str, trained_run: Path,
+                                                                              data_dir: Path, tmp_path: Path) -> None:
+    """The 3.2 MB model on a 1 MB disk: TorchScript's own file writer aborted the process (c10::Error, exit 134)."""
+    with small_disk(tmp_path / "disk", 1 << 20) as folder:
+        out = folder / f"model{export_app.FORMATS[fmt]}"
+        sidecar = out.with_suffix(out.suffix + ".json")
+        out.write_bytes(b"an earlier export")
+        sidecar.write_text("{}")
+        done = export(f"ckpt_path={trained_run / 'checkpoints' / 'best.ckpt'}", f"format={fmt}", f"output={out}",
+                      f"paths.data_dir={data_dir}", cwd=tmp_path)
+        assert done.returncode == 1, done.stderr
+        assert done.stderr.startswith(f"error: cannot use {out}: No space left on device")
+        assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+        assert out.read_bytes() == b"an earlier export" and sidecar.read_text() == "{}"
+        assert sorted(p.name for p in folder.iterdir()) == sorted([out.name, sidecar.name])
