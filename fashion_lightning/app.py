@@ -6,6 +6,7 @@ import atexit
 import ctypes
 import errno
 import gc
+import io
 import json
 import os
 import platform
@@ -13,7 +14,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import CompactHydraException, InstantiationException
@@ -21,20 +22,26 @@ from hydra.types import RunMode
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import ListConfig
 
+from fashion_lightning.checkpoint_io import write_atomically
 from fashion_lightning.errors import UserError
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 CONFIG_DIR = str(next(p for p in (Path(__file__).parent / "conf", Path(__file__).parents[1] / "conf") if p.is_dir()))
 """The shipped configs: inside the installed package, or ``conf/`` at the top of a source checkout."""
 
 
 def write_text(path: Path, text: str) -> None:
-    """Write a text file atomically: readers see the old file or the whole new one, never half of it."""
-    partial = path.with_name(path.name + ".partial")
-    try:
-        partial.write_text(text)
-        partial.replace(path)
-    finally:
-        partial.unlink(missing_ok=True)
+    """Write a text file atomically (`write_atomically`): its name holds the old file or the whole new one."""
+    write_atomically(path, text.encode())
+
+
+def write_figure(fig: Figure, path: Path) -> None:
+    """Save a matplotlib figure atomically, in the format its suffix names (``.png``)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=path.suffix.lstrip("."))
+    write_atomically(path, buffer.getbuffer())
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -18,7 +18,8 @@ import hydra
 from matplotlib.figure import Figure
 from omegaconf import DictConfig
 
-from fashion_lightning.app import CONFIG_DIR, as_list, reported_as_one_line, set_up_process, write_json, write_text
+from fashion_lightning.app import (CONFIG_DIR, as_list, reported_as_one_line, set_up_process, write_figure, write_json,
+                                   write_text)
 from fashion_lightning.data import CLASS_NAMES
 from fashion_lightning.errors import UserError
 
@@ -122,7 +123,7 @@ def plot_accuracy_against(recipes: dict[tuple[str, str], Recipe], x: str, path: 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    write_figure(fig, path)
 
 
 def plot_per_class(shown: dict[str, list[float]], path: Path) -> None:
@@ -139,7 +140,7 @@ def plot_per_class(shown: dict[str, list[float]], path: Path) -> None:
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    write_figure(fig, path)
 
 
 def compare(cfg: DictConfig) -> dict[str, Any]:

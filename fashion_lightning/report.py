@@ -16,7 +16,7 @@ from torchvision.utils import make_grid
 
 from fashion_lightning.data import CLASS_NAMES, BatchLoader, FashionMNISTDataModule, to_input
 from fashion_lightning.module import ImageClassifier
-from fashion_lightning.app import write_json, write_text
+from fashion_lightning.app import write_figure, write_json, write_text
 
 METRICS_CSV = "logs/metrics.csv"
 """Where the CSV logger (conf/logger/csv.yaml) writes per-epoch metrics, relative to the run directory."""
@@ -61,7 +61,7 @@ def plot_confusion(confusion: Tensor, path: Path) -> None:
         ax.text(j, i, str(count), ha="center", va="center", fontsize=8, color="white" if count > threshold else "black")
     ax.set_title("Confusion matrix (test set)")
     fig.tight_layout()
-    fig.savefig(path)
+    write_figure(fig, path)
 
 
 def plot_samples(pixels: Tensor, labels: Tensor, preds: Tensor, path: Path, n: int = 36) -> None:
@@ -88,7 +88,7 @@ def plot_samples(pixels: Tensor, labels: Tensor, preds: Tensor, path: Path, n: i
                 f"{CLASS_NAMES[labels[idx]]}\n{'' if ok else 'x '}{CLASS_NAMES[preds[idx]]}", fontsize=7,
                 ha="center", va="center", color="black" if ok else "red")
     fig.suptitle("test images: true (top) / predicted (bottom, red = mistake)", fontsize=9)
-    fig.savefig(path)
+    write_figure(fig, path)
 
 
 def read_epoch_metrics(metrics_csv: Path) -> dict[str, list[tuple[int, float]]]:
@@ -116,7 +116,7 @@ def plot_curves(metrics_csv: Path, path: Path) -> None:
         axis.grid(alpha=0.3)
         axis.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    write_figure(fig, path)
 
 
 def plot_sweep(rows: list[dict[str, Any]], path: Path) -> bool:
@@ -143,7 +143,7 @@ def plot_sweep(rows: list[dict[str, Any]], path: Path) -> bool:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    write_figure(fig, path)
     return True
 
 

@@ -4,6 +4,7 @@ changes no process-wide state; the core imports nothing of the speed options."""
 from __future__ import annotations
 
 import ast
+import errno
 import atexit
 import gc
 import runpy
@@ -13,6 +14,8 @@ import warnings
 from pathlib import Path
 
 import pytest
+
+from fashion_lightning import app, checkpoint_io
 
 CORE = ("models", "module", "data", "callbacks")
 
@@ -100,3 +103,34 @@ def test_every_app_run_as_a_program_skips_the_final_collection(
         runpy.run_module(f"fashion_lightning.{app}", run_name="__main__")
     assert exited.value.code in (0, None) and "== Config ==" in capsys.readouterr().out
     assert gc.freeze in registered  # set_up_process(), before main()
+
+
+def _write(target: Path, version: str) -> None:
+    """`app.write_figure` for a .png (a figure titled ``version``), `app.write_text` otherwise."""
+    from matplotlib.figure import Figure
+
+    if target.suffix == ".png":
+        figure = Figure(figsize=(2, 2))
+        figure.suptitle(version)
+        app.write_figure(figure, target)
+    else:
+        app.write_text(target, version)
+
+
+@pytest.mark.parametrize("written", ["report.md", "confusion_matrix.png"])
+def test_a_result_file_rewritten_on_a_full_disk_keeps_its_previous_version(written: str, tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Text and figures go through the same atomic write as checkpoints; here the disk fills at the flush."""
+    target = tmp_path / written
+    target.write_bytes(b"the previous version")
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_io.os, "fsync", full)
+    with pytest.raises(OSError, match="No space left on device"):
+        _write(target, "the new version")
+    assert target.read_bytes() == b"the previous version" and [p.name for p in tmp_path.iterdir()] == [written]
+    monkeypatch.undo()
+    _write(target, "the new version")
+    assert target.read_bytes().startswith(b"\x89PNG" if target.suffix == ".png" else b"the new version")

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from conftest import compose_train, one_line_error, quick_overrides
+from fashion_lightning import app, checkpoint_io
 from fashion_lightning.app import reported_as_one_line
 from fashion_lightning.train import train
 
@@ -201,18 +202,25 @@ def test_environment_variable_pointing_nowhere_via_the_cli(tmp_path: Path) -> No
 
 def test_a_full_disk_is_one_clear_error_and_no_result(data_dir: Path, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    real_write = Path.write_text
+    """The disk fills while results.json is flushed: one line, and no results.json, whole or half."""
+    real_write, real_fsync = app.write_atomically, checkpoint_io.os.fsync
+    writing: list[str] = []
 
-    def full_disk(self: Path, *args: Any, **kwargs: Any) -> int:
-        if self.name == "results.json.partial":
-            real_write(self, "{\"half\": ")
-            raise OSError(errno.ENOSPC, "No space left on device", str(self))
-        return real_write(self, *args, **kwargs)
+    def full_disk_at_flush(fd: int) -> None:
+        if writing and writing[-1] == "results.json":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
 
-    monkeypatch.setattr(Path, "write_text", full_disk)
+    def recorded(path: Path, data: bytes) -> None:
+        writing.append(Path(path).name)
+        real_write(path, data)
+
+    monkeypatch.setattr(app, "write_atomically", recorded)
+    monkeypatch.setattr(checkpoint_io.os, "fsync", full_disk_at_flush)
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as info, reported_as_one_line():
         train(compose_train(*quick_overrides(data_dir, out)))
     assert info.value.code == 1
     assert "No space left on device (a full or read-only disk, or no permission?)" in capsys.readouterr().err
-    assert not (out / "results.json").exists() and not (out / "results.json.partial").exists()
+    assert writing[-1] == "results.json" and not (out / "results.json").exists()
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
