@@ -3,12 +3,14 @@
     python benchmarks/serve_load.py --ckpt outputs/runs/<time>/checkpoints/best.ckpt   # starts a server itself
     python benchmarks/serve_load.py --url http://127.0.0.1:8000 --clients 16 --seconds 20
     python benchmarks/serve_load.py --ckpt ... max_batch_size=1 workers=2     # the server's settings
+    FASHION_LIGHTNING_API_KEY=... python benchmarks/serve_load.py --url ...   # a server with an API key
 
 Each client (a thread with its own keep-alive connection) posts test-set images as PNG files in the multipart field
 ``file``, one per request, back to back; every answer is checked against the class the server gave that image when
 asked alone before the load. Prints predictions/s and the p50 / p99 latency over the timed window (after a warm-up),
 and the errors, if any. The test images come from the real data (``--data-dir``, else the app's) or, without it,
-synthetic ones.
+synthetic ones. A server's API key (``--api-key``, by default ``$FASHION_LIGHTNING_API_KEY``, as the server reads it)
+goes in every request's ``X-API-Key`` header; with ``--ckpt`` the server started is given the same key.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import argparse
 import http.client
 import io
 import json
+import os
 import statistics
 import sys
 import threading
@@ -29,6 +32,7 @@ import numpy as np
 from PIL import Image
 
 BOUNDARY = "fashionlightningload"
+KEY_VARIABLE = "FASHION_LIGHTNING_API_KEY"  # the server's, conf/serve.yaml
 
 
 def multipart(png: bytes) -> bytes:
@@ -55,8 +59,16 @@ def test_pngs(n: int, data_dir: str | None) -> list[bytes]:
     return pngs
 
 
-def post(connection: http.client.HTTPConnection, body: bytes) -> dict:
-    connection.request("POST", "/predict", body, {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"})
+def request_headers(api_key: str | None) -> dict[str, str]:
+    """The headers of every request: the multipart body's type, and the server's API key if there is one."""
+    headers = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
+    if api_key:
+        headers["X-API-Key"] = api_key
+    return headers
+
+
+def post(connection: http.client.HTTPConnection, body: bytes, headers: dict[str, str]) -> dict:
+    connection.request("POST", "/predict", body, headers)
     response = connection.getresponse()
     payload = response.read()
     if response.status != 200:
@@ -64,8 +76,8 @@ def post(connection: http.client.HTTPConnection, body: bytes) -> dict:
     return json.loads(payload)
 
 
-def client(url: str, bodies: list[bytes], expected: list[str], start: int, stop_at: list[float], warm_until: float,
-           latencies: list[float], errors: list[str]) -> None:
+def client(url: str, bodies: list[bytes], headers: dict[str, str], expected: list[str], start: int,
+           stop_at: list[float], warm_until: float, latencies: list[float], errors: list[str]) -> None:
     parsed = urlparse(url)
     connection = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=30)
     i = start
@@ -73,7 +85,7 @@ def client(url: str, bodies: list[bytes], expected: list[str], start: int, stop_
         k = i % len(bodies)
         begin = time.perf_counter()
         try:
-            answer = post(connection, bodies[k])["predictions"][0]["prediction"]
+            answer = post(connection, bodies[k], headers)["predictions"][0]["prediction"]
             if answer != expected[k]:
                 errors.append(f"image {k}: {answer} under load, {expected[k]} alone")
         except Exception as err:  # noqa: BLE001 - counted and reported
@@ -97,6 +109,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds of load before timing")
     parser.add_argument("--images", type=int, default=256, help="distinct test images the clients cycle through")
     parser.add_argument("--data-dir", default=None, help="where the real Fashion-MNIST files are (paths.data_dir)")
+    parser.add_argument("--api-key", default=os.environ.get(KEY_VARIABLE) or None,
+                        help=f"the server's API key, sent as X-API-Key (default: ${KEY_VARIABLE}; prefer the variable: "
+                             "a command line is visible to other users)")
     parser.add_argument("overrides", nargs="*", help="with --ckpt: the server's settings, e.g. max_batch_size=1")
     args = parser.parse_args()
     for name in ("clients", "images"):
@@ -106,23 +121,33 @@ def main() -> None:
         parser.error("--seconds must be positive and --warmup not negative")
     if args.overrides and not args.ckpt:
         parser.error("server settings need --ckpt (this script then starts the server)")
+    key = args.api_key
+    if key is not None and not (key.isascii() and key.isprintable() and key and key == key.strip()):
+        parser.error("--api-key must be printable ASCII without leading or trailing spaces (it goes in a header)")
+    headers = request_headers(key)
     with ExitStack() as stack:
         if args.ckpt:
             from fashion_lightning.serve import in_background
 
+            if key:  # the server reads its key from the environment it inherits
+                os.environ[KEY_VARIABLE] = key
             url = stack.enter_context(in_background(Path(args.ckpt).resolve(), *args.overrides))
         else:
             url = args.url.rstrip("/")
         bodies = [multipart(png) for png in test_pngs(args.images, args.data_dir)]
         parsed = urlparse(url)
         solo = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=30)
-        expected = [post(solo, body)["predictions"][0]["prediction"] for body in bodies]
+        try:
+            expected = [post(solo, body, headers)["predictions"][0]["prediction"] for body in bodies]
+        except (RuntimeError, OSError) as err:  # one clear line: a wrong key, a wrong URL
+            hint = f" (give the server's key: ${KEY_VARIABLE} or --api-key)" if "HTTP 401" in str(err) else ""
+            raise SystemExit(f"error: {url}/predict: {err}{hint}") from None
         solo.close()
         latencies: list[float] = []
         errors: list[str] = []
         now = time.perf_counter()
         warm_until, stop_at = now + args.warmup, [now + args.warmup + args.seconds]
-        threads = [threading.Thread(target=client, args=(url, bodies, expected, c * 7, stop_at, warm_until,
+        threads = [threading.Thread(target=client, args=(url, bodies, headers, expected, c * 7, stop_at, warm_until,
                                                          latencies, errors)) for c in range(args.clients)]
         for thread in threads:
             thread.start()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import copy
 import ctypes
 import errno
 import gc
@@ -13,14 +14,16 @@ import platform
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from importlib.resources import files
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import CompactHydraException, InstantiationException
 from hydra.types import RunMode
+from hydra.utils import get_original_cwd, to_absolute_path
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from omegaconf import ListConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from fashion_lightning.checkpoint_io import write_atomically
 from fashion_lightning.errors import UserError
@@ -28,8 +31,44 @@ from fashion_lightning.errors import UserError
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-CONFIG_DIR = str(next(p for p in (Path(__file__).parent / "conf", Path(__file__).parents[1] / "conf") if p.is_dir()))
-"""The shipped configs: inside the installed package, or ``conf/`` at the top of a source checkout."""
+CONFIG_DIR = str(files("fashion_lightning.conf"))
+"""The shipped configs, the package ``fashion_lightning.conf``: ``conf/`` at the top of a source checkout (an
+editable install maps it there), ``fashion_lightning/conf/`` in an installed one."""
+
+DATA_PATHS = ("paths.data_dir", "data.data_dir", "data.source_dir")
+"""The data's folders in the apps' configs (`with_launch_paths`)."""
+
+
+def launch_path(path: str) -> str:
+    """``path`` (``~`` expanded) as the folder the command was started from reads it, whatever ``hydra.job.chdir``:
+    once Hydra has changed into a run directory, a relative path is joined to the launch folder (Hydra's
+    ``to_absolute_path``); otherwise it is left as given."""
+    path = os.path.expanduser(path)
+    return to_absolute_path(path) if _in_hydra_run_dir() else path
+
+
+def _in_hydra_run_dir() -> bool:
+    """Whether Hydra changed into the run directory of the job running now (``hydra.job.chdir=true``); a job's
+    HydraConfig left behind in the process by an earlier one does not count."""
+    if not HydraConfig.initialized():
+        return False
+    here, runtime = os.path.realpath(os.getcwd()), HydraConfig.get().runtime
+    return here == os.path.realpath(runtime.output_dir) != os.path.realpath(get_original_cwd())
+
+
+def with_launch_paths(cfg: DictConfig, *keys: str) -> DictConfig:
+    """A copy of ``cfg`` whose path settings ``keys`` (dotted; each a path or a list of paths) are `launch_path`s, so
+    that the settings interpolating them follow; unset ones (absent, null, ``???``, empty) are left alone."""
+    cfg = copy.deepcopy(cfg)
+    for key in keys:
+        value = OmegaConf.select(cfg, key, throw_on_missing=False)
+        given = list(value) if isinstance(value, ListConfig) else value
+        if given is None or given == "":
+            continue
+        read = [launch_path(str(v)) for v in given] if isinstance(given, list) else launch_path(str(given))
+        if read != given:
+            OmegaConf.update(cfg, key, read, merge=False)
+    return cfg
 
 
 def write_text(path: Path, text: str) -> None:

@@ -18,8 +18,16 @@ import hydra
 from matplotlib.figure import Figure
 from omegaconf import DictConfig
 
-from fashion_lightning.app import (CONFIG_DIR, as_list, reported_as_one_line, set_up_process, write_figure, write_json,
-                                   write_text)
+from fashion_lightning.app import (
+    CONFIG_DIR,
+    as_list,
+    reported_as_one_line,
+    set_up_process,
+    with_launch_paths,
+    write_figure,
+    write_json,
+    write_text,
+)
 from fashion_lightning.data import CLASS_NAMES
 from fashion_lightning.errors import UserError
 
@@ -145,6 +153,7 @@ def plot_per_class(shown: dict[str, list[float]], path: Path) -> None:
 
 def compare(cfg: DictConfig) -> dict[str, Any]:
     """Write ``cfg.out_dir``/compare.md and its PNGs from the runs under ``cfg.runs``; return the table's rows."""
+    cfg = with_launch_paths(cfg, "paths.output_root", "runs", "out_dir")
     recipes = read_runs(as_list(cfg.runs))
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)

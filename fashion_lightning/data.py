@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from fashion_lightning.augment import BatchAugment
@@ -32,21 +33,23 @@ class BatchLoader:
     ``(B,)`` on the tensors' device. With ``shuffle``, every epoch has its own seeded order; with
     ``world_size > 1`` each rank reads its share (training shares are padded to equal length, like
     ``DistributedSampler``; evaluation shares are not, so every item is counted once). The order is a
-    function of (seed, epoch), the epoch taken from ``epoch_of`` (the trainer's) when given; it is resumable
-    mid-epoch: Lightning saves ``state_dict()`` in checkpoints and restores it before iterating. With ``augment``,
+    function of (seed, epoch), the epoch taken from ``epoch_of`` (the trainer's) when given, else counted by the
+    loader: its first pass reads ``first_epoch``, each later one the next. It is resumable mid-epoch: Lightning saves
+    ``state_dict()`` in checkpoints and restores it before iterating. With ``augment``,
     each batch is augmented with a generator seeded by (seed, epoch, rank, batch), so a resumed epoch sees the
     same images.
     """
 
     def __init__(self, images: Tensor, labels: Tensor, batch_size: int, *, shuffle: bool = False, seed: int = 0,
                  scale: bool = True, rank: int = 0, world_size: int = 1,
-                 epoch_of: Callable[[], int] | None = None, augment: BatchAugment | None = None) -> None:
+                 epoch_of: Callable[[], int] | None = None, first_epoch: int = 0,
+                 augment: BatchAugment | None = None) -> None:
         self.images, self.labels = images, labels
         self.augment = augment
         self.batch_size, self.shuffle, self.seed, self.scale = batch_size, shuffle, seed, scale
         self.rank, self.world_size = rank, world_size
         self.epoch_of = epoch_of  # where the epoch number comes from, e.g. the trainer's; else each pass is the next
-        self.epoch, self.position = -1, 0  # epoch being read and batches handed out in it
+        self.epoch, self.position = first_epoch - 1, 0  # epoch being read and batches handed out in it
         self._resume: dict[str, int] | None = None
 
     def _indices(self, epoch: int) -> Tensor:
@@ -111,7 +114,11 @@ class FashionMNISTDataModule(L.LightningDataModule):
 
     Batches are float32 ``(B, 1, 28, 28)`` images and int64 labels (`BatchLoader`), on the trainer's device,
     where the images are kept as uint8. Under DDP each rank reads its share of every epoch's order. With
-    ``overfit_batches`` the training order is not shuffled (Lightning's rule).
+    ``overfit_batches`` the training order is not shuffled (Lightning's rule). Outside a trainer, as with
+    ``DataLoader(shuffle=True)``, every pass over the training set has a new order: a new ``train_dataloader()``
+    continues with the epoch after the one the previous loader read, so ``for epoch in range(3): for x, y in
+    dm.train_dataloader(): ...`` reads epochs 0, 1, 2 (as does iterating one loader three times); in a fit the
+    epoch is the trainer's.
 
     Args:
         data_dir: where torchvision's layout (``FashionMNIST/raw``) lives or is made.
@@ -126,25 +133,44 @@ class FashionMNISTDataModule(L.LightningDataModule):
         download: let torchvision download when no local copy exists.
         augment: augmentation of the training batches (`BatchAugment`); validation, test and prediction batches
             are never augmented.
+        num_workers, pin_memory: accepted for configs written for a ``DataLoader``, with no effect (a warning says
+            so): the images are held in memory, on the trainer's device, and batches are sliced from them in the
+            training process, so there is nothing to load in workers or to pin.
     """
 
     classes = CLASS_NAMES
 
     def __init__(self, data_dir: str = "data", source_dir: str | None = None, val_split: int | float = 5000,
                  batch_size: int = 32, eval_batch_size: int = 1000, scale: bool = True, seed: int = 0,
-                 download: bool = True, augment: BatchAugment | None = None) -> None:
+                 download: bool = True, augment: BatchAugment | None = None, num_workers: int = 0,
+                 pin_memory: bool = False) -> None:
         super().__init__()
         if augment is not None and not isinstance(augment, BatchAugment):
             raise UserError(f"data.augment must be a BatchAugment or null, got {augment!r}")
         check_positive_int("data.batch_size", batch_size)
         check_positive_int("data.eval_batch_size", eval_batch_size)
         self.num_val = self._val_count(val_split)
-        self.save_hyperparameters(ignore=["augment"])
+        self._check_dataloader_settings(num_workers, pin_memory)
+        self.save_hyperparameters(ignore=["augment", "num_workers", "pin_memory"])
         self.augment = augment
         self.train_set: tuple[Tensor, Tensor] | None = None
         self.val_set: tuple[Tensor, Tensor] | None = None
         self.test_set: tuple[Tensor, Tensor] | None = None
         self._on_device: dict[tuple[str, str], tuple[Tensor, Tensor]] = {}
+        self._last_train_loader: BatchLoader | None = None  # the last one handed out outside a trainer
+
+    @staticmethod
+    def _check_dataloader_settings(num_workers: int, pin_memory: bool) -> None:
+        """Check ``num_workers`` and ``pin_memory`` as a ``DataLoader`` would take them; warn that they do nothing."""
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise UserError(f"data.num_workers must be an integer >= 0, got {num_workers!r}")
+        if not isinstance(pin_memory, bool):
+            raise UserError(f"data.pin_memory must be true or false, got {pin_memory!r}")
+        asked = [f"data.num_workers={num_workers}"] * (num_workers > 0) + ["data.pin_memory=True"] * pin_memory
+        if asked:
+            rank_zero_warn(f"{' and '.join(asked)} {'has' if len(asked) == 1 else 'have'} no effect: the images are "
+                           "held in memory, on the trainer's device, and batches are sliced from them in the "
+                           "training process (no workers, nothing to pin)")
 
     @staticmethod
     def _val_count(val_split: int | float) -> int:
@@ -193,11 +219,17 @@ class FashionMNISTDataModule(L.LightningDataModule):
             self._on_device[split, str(device)] = tuple(t.to(device) for t in getattr(self, f"{split}_set"))
         images, labels = self._on_device[split, str(device)]
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        return BatchLoader(images, labels, hp.batch_size if train else hp.eval_batch_size, seed=hp.seed,
-                           shuffle=train and not (trainer is not None and trainer.overfit_batches > 0),
-                           scale=hp.scale, rank=rank, world_size=world,
-                           epoch_of=(lambda: trainer.current_epoch) if train and trainer is not None else None,
-                           augment=self.augment if train else None)
+        counted = train and trainer is None  # epochs counted here: continue after the previous loader's
+        previous = self._last_train_loader if counted else None
+        loader = BatchLoader(images, labels, hp.batch_size if train else hp.eval_batch_size, seed=hp.seed,
+                             shuffle=train and not (trainer is not None and trainer.overfit_batches > 0),
+                             scale=hp.scale, rank=rank, world_size=world,
+                             epoch_of=(lambda: trainer.current_epoch) if train and trainer is not None else None,
+                             first_epoch=previous.epoch + 1 if previous is not None else 0,
+                             augment=self.augment if train else None)
+        if counted:
+            self._last_train_loader = loader
+        return loader
 
     def train_dataloader(self) -> BatchLoader:
         return self._loader("train")

@@ -9,13 +9,14 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from fashion_lightning.app import CONFIG_DIR, reported_as_one_line, set_up_process
+from fashion_lightning.app import CONFIG_DIR, DATA_PATHS, reported_as_one_line, set_up_process, with_launch_paths
 from fashion_lightning.checkpoint import load_trained, run_dir_of
 from fashion_lightning.report import METRICS_CSV, write_report
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Write the report of ``cfg.ckpt_path`` and return its summary; pixels are scaled as in training."""
+    cfg = with_launch_paths(cfg, "ckpt_path", "report_dir", *DATA_PATHS)
     ckpt_path, model, scale = load_trained(cfg, "evaluate")
     datamodule = instantiate(cfg.data, scale=scale)
     run_dir = run_dir_of(ckpt_path)

@@ -15,11 +15,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from fashion_lightning.app import CONFIG_DIR, reported_as_one_line, set_up_process
+from fashion_lightning.app import CONFIG_DIR, DATA_PATHS, reported_as_one_line, set_up_process, with_launch_paths
 from fashion_lightning.checkpoint import load_trained, run_dir_of
 from fashion_lightning.checkpoint_io import write_atomically
 from fashion_lightning.data import CLASS_NAMES, to_input
 from fashion_lightning.errors import UserError
+from fashion_lightning.module import onnx_options
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 TOLERANCE = 1e-5
@@ -54,8 +55,7 @@ def to_onnx(model: nn.Module, example: Tensor) -> Exported:
     buffer = io.BytesIO()
     with warnings.catch_warnings():  # the TorchScript-based exporter: no extra dependency, exact for these ops
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (example,), buffer, input_names=["images"], output_names=["probabilities"],
-                          dynamic_axes={"images": {0: "batch"}, "probabilities": {0: "batch"}}, dynamo=False)
+        torch.onnx.export(model, (example,), buffer, **onnx_options("probabilities"))
     session = onnxruntime.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
     return buffer.getvalue(), lambda x: torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
 
@@ -81,6 +81,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     """
     if cfg.format not in FORMATS:
         raise UserError(f"format must be one of {', '.join(FORMATS)}, got {cfg.format!r}")
+    cfg = with_launch_paths(cfg, "ckpt_path", "output", *DATA_PATHS)
     ckpt_path, trained, scale = load_trained(cfg, "export")
     model = Probabilities(trained.net, flip=bool(trained.hparams.get("eval_flip"))).eval()
     out = Path(cfg.output) if cfg.output else run_dir_of(ckpt_path) / "export" / f"model{FORMATS[cfg.format]}"

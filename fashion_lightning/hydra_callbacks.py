@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import sys
 import uuid
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from fashion_lightning.app import AppError
+from fashion_lightning.app import AppError, launch_path, write_json, write_text
 from fashion_lightning.report import plot_sweep
 
 COLUMNS = ("job", "overrides", "status", "val_acc_best", "test_acc", "params", "wall_time_s", "error")
@@ -48,7 +50,8 @@ class SweepSummary(Callback):
     """After every job of a multirun, rewrite ``summary.csv`` and ``summary.md`` at the sweep root.
 
     Rows are sorted by best validation accuracy; a failed job is listed with its error (kept in the job
-    directory's ``error.json``), so the summary is complete even when a failure ends the sweep with exit 1.
+    directory's ``error.json``), so the summary is complete even when a failure ends the sweep with exit 1. Jobs
+    that end at once (a parallel launcher: joblib, submitit) take turns, so the last one lists them all.
     """
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
@@ -57,8 +60,10 @@ class SweepSummary(Callback):
         if job_return.status == JobStatus.FAILED:
             error = job_return._return_value
             message = str(error) if isinstance(error, ValueError | AppError) else f"{type(error).__name__}: {error}"
-            (Path(config.hydra.runtime.output_dir) / "error.json").write_text(json.dumps({"error": message}))
-        write_summary(Path(config.hydra.sweep.dir))
+            write_json(Path(config.hydra.runtime.output_dir) / "error.json", {"error": message})
+        sweep_dir = Path(launch_path(config.hydra.sweep.dir))  # also where hydra.job.chdir=true moved this job
+        with FileLock(sweep_dir / ".summary.lock"):
+            write_summary(sweep_dir)
 
 
 def collect_rows(sweep_dir: Path) -> list[dict[str, Any]]:
@@ -80,10 +85,11 @@ def collect_rows(sweep_dir: Path) -> list[dict[str, Any]]:
 def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
     """Write ``summary.csv`` and ``summary.md`` for the sweep in ``sweep_dir``; return the rows."""
     rows = collect_rows(sweep_dir)
-    with open(sweep_dir / "summary.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(sweep_dir / "summary.csv", table.getvalue())
 
     def cell(value: Any) -> str:
         if isinstance(value, float):
@@ -94,5 +100,5 @@ def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
     lines += ["| " + " | ".join(cell(row.get(c)) for c in COLUMNS) + " |" for row in rows]
     if plot_sweep(rows, sweep_dir / "summary.png"):
         lines += ["", "![accuracy against the swept value](summary.png)"]
-    (sweep_dir / "summary.md").write_text(f"# Sweep {sweep_dir.name}\n\n" + "\n".join(lines) + "\n")
+    write_text(sweep_dir / "summary.md", f"# Sweep {sweep_dir.name}\n\n" + "\n".join(lines) + "\n")
     return rows

@@ -85,9 +85,10 @@ def summary(net: nn.Module, input_shape: tuple[int, ...] = (1, 28, 28)) -> str:
             (f"{name} ({type(m).__name__})", str((None, *out.shape[1:])), sum(p.numel() for p in m.parameters()))))
         for name, child in net.named_children()
     ]
+    weight = next(net.parameters())
     try:
-        with torch.no_grad():
-            net(torch.zeros(1, *input_shape, device=next(net.parameters()).device))
+        with torch.no_grad():  # an input of the parameters' device and dtype (float64 after precision="64-true")
+            net(torch.zeros(1, *input_shape, device=weight.device, dtype=weight.dtype))
     finally:
         for hook in hooks:
             hook.remove()

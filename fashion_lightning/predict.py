@@ -14,7 +14,15 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from fashion_lightning.app import CONFIG_DIR, as_list, reported_as_one_line, set_up_process
+from fashion_lightning.app import (
+    CONFIG_DIR,
+    DATA_PATHS,
+    as_list,
+    launch_path,
+    reported_as_one_line,
+    set_up_process,
+    with_launch_paths,
+)
 from fashion_lightning.checkpoint import load_trained
 from fashion_lightning.data import CLASS_NAMES
 from fashion_lightning.errors import UserError, check_positive_int
@@ -33,7 +41,7 @@ class Item:
 
 def read_image(path: str, invert: str) -> Item:
     """An image file as an `Item`; unreadable files become an `Item` with the reason."""
-    file = Path(path).expanduser()
+    file = Path(launch_path(path))
     if not file.is_file():
         return Item(path, error="no such file")
     try:
@@ -74,6 +82,7 @@ def gather_items(inputs: list[str], invert: str, cfg: DictConfig) -> list[Item]:
 
 def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     """Predict every input of ``cfg.inputs``; print a table or JSON; return one dict per input."""
+    cfg = with_launch_paths(cfg, "ckpt_path", *DATA_PATHS)
     check_positive_int("top_k", cfg.top_k)
     if cfg.invert not in INVERT:
         raise UserError(f"invert must be one of {', '.join(INVERT)}, got {cfg.invert!r}")

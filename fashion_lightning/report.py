@@ -14,9 +14,9 @@ from torch import Tensor
 from torchmetrics.functional.classification import multiclass_confusion_matrix
 from torchvision.utils import make_grid
 
+from fashion_lightning.app import write_figure, write_json, write_text
 from fashion_lightning.data import CLASS_NAMES, BatchLoader, FashionMNISTDataModule, to_input
 from fashion_lightning.module import ImageClassifier
-from fashion_lightning.app import write_figure, write_json, write_text
 
 METRICS_CSV = "logs/metrics.csv"
 """Where the CSV logger (conf/logger/csv.yaml) writes per-epoch metrics, relative to the run directory."""

@@ -47,9 +47,9 @@ import torch
 from omegaconf import DictConfig
 
 from fashion_lightning import images
+from fashion_lightning.app import CONFIG_DIR, reported_as_one_line, set_up_process, with_launch_paths
 from fashion_lightning.checkpoint import load_trained, trained_model
 from fashion_lightning.data import CLASS_NAMES
-from fashion_lightning.app import CONFIG_DIR, reported_as_one_line, set_up_process
 from fashion_lightning.errors import UserError, check_positive_int
 from fashion_lightning.images import ImageError, open_image, probabilities, ranked
 
@@ -277,6 +277,7 @@ class FrontDoor:
 
 def build_server(cfg: DictConfig) -> ls.LitServer:
     """A `LitServer` for ``cfg`` (see ``conf/serve.yaml``), its model checked before any process starts."""
+    cfg = with_launch_paths(cfg, "ckpt_path")
     if cfg.invert not in images.INVERT:
         raise UserError(f"invert must be one of {', '.join(images.INVERT)}, got {cfg.invert!r}")
     for key in ("top_k", "max_images", "max_batch_size", "workers", "threads"):
@@ -300,12 +301,16 @@ def build_server(cfg: DictConfig) -> ls.LitServer:
 
 
 def check_access(cfg: DictConfig) -> None:
-    """A `UserError` for an unusable ``api_key`` (the key itself never shown), or for a server listening beyond
-    127.0.0.1 without one unless ``allow_no_key`` says so (then a warning on stderr)."""
+    """A `UserError` for an unusable ``api_key`` (not a non-empty string, or not what an HTTP header carries intact;
+    the key itself never shown), or for a server listening beyond 127.0.0.1 without one unless ``allow_no_key`` says
+    so (then a warning on stderr)."""
     key = cfg.api_key
     if key is not None and (not isinstance(key, str) or not key):
         got = "an empty string" if key == "" else f"a value of type {type(key).__name__}"
         raise UserError(f"api_key (or $FASHION_LIGHTNING_API_KEY) must be a non-empty string or null, got {got}")
+    if key is not None and not (key.isascii() and key.isprintable() and key == key.strip()):
+        raise UserError("api_key (or $FASHION_LIGHTNING_API_KEY) must be printable ASCII without leading or trailing "
+                        "spaces: clients send it in an HTTP header")
     if key is None and cfg.host in ("0.0.0.0", "::"):
         if not cfg.allow_no_key:
             raise UserError(f"host={cfg.host} listens beyond this machine without an API key; set "

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +20,18 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from omegaconf import DictConfig
+from lightning.pytorch.loggers import Logger, WandbLogger
+from omegaconf import DictConfig, OmegaConf
 
-from fashion_lightning.app import CONFIG_DIR, reported_as_one_line, set_up_process, write_json
+from fashion_lightning.app import (
+    CONFIG_DIR,
+    DATA_PATHS,
+    launch_path,
+    reported_as_one_line,
+    set_up_process,
+    with_launch_paths,
+    write_json,
+)
 from fashion_lightning.callbacks import EpochTimer
 from fashion_lightning.checkpoint import check_compatible, check_same_data, read_checkpoint
 from fashion_lightning.errors import UserError, check_positive_int, is_seed
@@ -72,10 +84,11 @@ RESUMABLE = ("interrupted.ckpt", "last.ckpt")
 
 def resolve_ckpt_path(ckpt_path: str | None, output_root: str | os.PathLike) -> str | None:
     """Turn ``ckpt_path`` into a checkpoint file, or None: a file; a run directory (its newest resumable
-    checkpoint); or "last", the newest resumable checkpoint of any run under ``output_root``."""
+    checkpoint); or "last", the newest resumable checkpoint of any run under ``output_root``. A relative path is
+    read from the launch folder (`launch_path`)."""
     if ckpt_path is None:
         return None
-    path = Path(output_root if ckpt_path == "last" else ckpt_path).expanduser()
+    path = Path(output_root if ckpt_path == "last" else launch_path(ckpt_path)).expanduser()
     if ckpt_path != "last" and not path.is_dir():
         return str(path)
     pattern = "**/checkpoints/" if ckpt_path == "last" else "checkpoints/"
@@ -98,15 +111,54 @@ def _overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
+RUN_PATHS = ("paths.output_root", "paths.output_dir", *DATA_PATHS)
+"""The train config's paths, read from the launch folder whatever ``hydra.job.chdir`` (`with_launch_paths`)."""
+
+RUN_DIR_TIME = "%Y-%m-%d_%H-%M-%S_%f"
+"""How run directories are named under ``<output_root>/runs/``, as ``conf/hydra/default.yaml`` names them."""
+
+
+def run_config(cfg: DictConfig) -> DictConfig:
+    """A copy of ``cfg`` with its `RUN_PATHS` read from the launch folder and ``paths.output_dir`` the run directory:
+    Hydra's (``hydra.runtime.output_dir``), or, in a config composed with Hydra's Compose API and no Hydra app
+    running, a new one under ``paths.output_root``."""
+    if not HydraConfig.initialized() and "${hydra:" in str(OmegaConf.to_container(cfg.paths)["output_dir"]):
+        cfg = copy.deepcopy(cfg)
+        run_dir = Path(cfg.paths.output_root).expanduser().absolute() / "runs" / datetime.now().strftime(RUN_DIR_TIME)
+        cfg.paths.output_dir = str(run_dir)
+    return with_launch_paths(cfg, *RUN_PATHS)
+
+
+@contextmanager
+def ending_wandb_run(loggers: Sequence[Logger]) -> Iterator[None]:
+    """End the W&B run of a `WandbLogger` when the block ends, failed or not. Lightning finalizes every logger after
+    fit and test, but W&B's run stays the process's current one, and the next `WandbLogger` in the process (the
+    next job of a multirun) would log into it."""
+    failed = True
+    try:
+        yield
+        failed = False
+    finally:
+        if any(isinstance(logger, WandbLogger) for logger in loggers):
+            import wandb
+
+            if wandb.run is not None:
+                wandb.finish(exit_code=int(failed))
+
+
 def train(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict[str, Any]:
     """Fit ``cfg.model`` on ``cfg.data``, test the chosen checkpoint once (unless ``cfg.test`` is false), write
     ``results.json``; return it.
 
-    ``cfg`` is the composed ``train`` config; ``cfg.paths.output_dir`` is the run directory. ``callbacks`` are
-    Lightning callbacks added to the configured ones (a tuner's pruning callback, for example).
+    ``cfg`` is the composed ``train`` config; ``cfg.paths.output_dir`` is the run directory (without a Hydra app
+    running, a new one under ``cfg.paths.output_root``: `run_config`). ``callbacks`` are Lightning callbacks added
+    to the configured ones (a tuner's pruning callback, for example). Under ``trainer.fast_dev_run`` nothing is
+    written, as Lightning writes no checkpoint or log then.
     """
     start = time.perf_counter()
     check_settings(cfg)
+    cfg = run_config(cfg)
+    Path(cfg.paths.output_root).mkdir(parents=True, exist_ok=True)  # as the app does first: a tracker's store is there
     check_accelerator(cfg.trainer.accelerator)
     if cfg.test_ckpt not in ("best", "last"):
         raise UserError(f"test_ckpt must be best or last, got {cfg.test_ckpt!r}")
@@ -131,24 +183,27 @@ def train(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict[str, An
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     trainer = instantiate_trainer(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
-    try:
-        with warnings.catch_warnings():
-            if steps > 1:  # Lightning compares log_every_n_steps with groups; grouped steps log each batch's loss
-                warnings.filterwarnings("ignore", message="The number of training batches .* logging interval")
-            trainer.fit(model, datamodule=fit_data, ckpt_path=ckpt_path)
-    except MisconfigurationException as err:  # Lightning's refusals of manual optimization
-        if steps == 1 or "manual optimization" not in str(err):
-            raise
-        raise UserError(f"{str(err).strip()} (steps_per_execution={steps} trains with Lightning's manual "
-                        "optimization); set steps_per_execution=1 (speed=fused keeps the fused kernels)") from err
-    fit_metrics = {k.replace("/", "_"): float(v) for k, v in trainer.callback_metrics.items() if "/" in k}
-    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-    test_ckpt = best if cfg.test_ckpt == "best" and best else None
-    tested = cfg.get("test", True)
-    if tested and cfg.test_ckpt == "best" and not best:
-        log.warning("test_ckpt=best, but no best checkpoint was saved (nothing validated?): testing the final weights")
-    if tested:
-        (test_metrics,) = trainer.test(model, datamodule=datamodule, ckpt_path=test_ckpt, verbose=False)
+    with ending_wandb_run(trainer.loggers):
+        try:
+            with warnings.catch_warnings():
+                if steps > 1:  # Lightning compares log_every_n_steps with groups; grouped steps log each batch
+                    warnings.filterwarnings("ignore", message="The number of training batches .* logging interval")
+                trainer.fit(model, datamodule=fit_data, ckpt_path=ckpt_path)
+        except MisconfigurationException as err:  # Lightning's refusals of manual optimization
+            if steps == 1 or "manual optimization" not in str(err):
+                raise
+            raise UserError(f"{str(err).strip()} (steps_per_execution={steps} trains with Lightning's manual "
+                            "optimization); set steps_per_execution=1 (speed=fused keeps the fused kernels)"
+                            ) from err
+        fit_metrics = {k.replace("/", "_"): float(v) for k, v in trainer.callback_metrics.items() if "/" in k}
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        test_ckpt = best if cfg.test_ckpt == "best" and best else None
+        tested = cfg.get("test", True)
+        if tested and cfg.test_ckpt == "best" and not best:
+            log.warning("test_ckpt=best, but no best checkpoint was saved (nothing validated?): testing the final "
+                        "weights")
+        if tested:
+            (test_metrics,) = trainer.test(model, datamodule=datamodule, ckpt_path=test_ckpt, verbose=False)
 
     timer = next((c for c in trainer.callbacks if isinstance(c, EpochTimer)), None)
     results = {
@@ -167,7 +222,10 @@ def train(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict[str, An
         "resumed_from": ckpt_path,
         "run_dir": str(run_dir),
     }
-    if trainer.is_global_zero:
+    if trainer.is_global_zero and trainer.fast_dev_run:
+        log.info("fast_dev_run: %d training step(s) ran; no results.json, report, checkpoint or log written",
+                 results["steps"])
+    elif trainer.is_global_zero:
         if cfg.get("report") and tested:
             from fashion_lightning.report import METRICS_CSV, write_report
 

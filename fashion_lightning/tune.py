@@ -28,7 +28,16 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from fashion_lightning.app import CONFIG_DIR, reported_as_one_line, set_up_process, write_json, write_text
+from fashion_lightning.app import (
+    CONFIG_DIR,
+    DATA_PATHS,
+    reported_as_one_line,
+    set_up_process,
+    with_launch_paths,
+    write_figure,
+    write_json,
+    write_text,
+)
 from fashion_lightning.errors import UserError, check_positive_int, is_seed
 from fashion_lightning.train import route_lightning_logs, train
 
@@ -282,8 +291,9 @@ def plot_study(study: optuna.Study, study_dir: Path) -> list[str]:
                 continue
             figure = axes.figure
             figure.set_size_inches(8, 5)
+            figure.set_dpi(100)
             figure.tight_layout()
-            figure.savefig(study_dir / name, dpi=100)
+            write_figure(figure, study_dir / name)
             figure.clf()
             written.append(name)
     return written
@@ -311,6 +321,7 @@ def tune(cfg: DictConfig) -> dict[str, Any]:
     """Run (or resume) the study until ``tune.n_trials`` trials have finished, then re-run the best; return a
     summary: best parameters, validation accuracy and the re-runs' test accuracies."""
     check_settings(cfg)
+    cfg = with_launch_paths(cfg, "paths.output_root", "tune.study_dir", *DATA_PATHS)
     study_dir = Path(cfg.tune.study_dir)
     study_dir.mkdir(parents=True, exist_ok=True)
     study = open_study(cfg)

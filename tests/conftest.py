@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from PIL import Image
 
@@ -79,6 +80,13 @@ def data_dir(fmnist_source: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     folder = tmp_path_factory.mktemp("fmnist_data")
     ensure_raw_files(folder, str(fmnist_source), download=False)
     return folder
+
+
+@pytest.fixture(autouse=True)
+def _no_hydra_job_left_behind() -> Iterator[None]:
+    """Each test starts as a fresh process would: an in-process Hydra app leaves its job's HydraConfig set."""
+    yield
+    HydraConfig.instance().cfg = None
 
 
 @pytest.fixture(autouse=True)

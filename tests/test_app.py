@@ -4,8 +4,8 @@ changes no process-wide state; the core imports nothing of the speed options."""
 from __future__ import annotations
 
 import ast
-import errno
 import atexit
+import errno
 import gc
 import runpy
 import subprocess

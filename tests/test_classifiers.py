@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import StochasticWeightAveraging
 from lightning.pytorch.tuner import Tuner
 
 from conftest import fit_model
-from fashion_lightning import CNN
+from fashion_lightning import CNN, DenseBaseline
 from fashion_lightning.fast import FastConvNet
 
 
@@ -102,3 +102,26 @@ def test_the_fused_cnn_pickles_and_scripts_after_a_fit(data_dir: Path, tmp_path:
     model.eval()
     torch.testing.assert_close(scripted(x), model(x), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(copy.eval()(x), model(x))
+
+
+@pytest.mark.parametrize("fast", [False, True])
+@pytest.mark.parametrize("cls", [CNN, DenseBaseline])
+def test_lightnings_exports_take_any_batch_size_and_match_the_module(cls: type, fast: bool, tmp_path: Path) -> None:
+    import onnxruntime
+
+    torch.manual_seed(0)
+    model = cls(fast=fast).eval()
+    model.to_onnx(tmp_path / "model.onnx")
+    session = onnxruntime.InferenceSession(tmp_path / "model.onnx", providers=["CPUExecutionProvider"])
+    assert [(i.name, i.shape) for i in session.get_inputs()] == [("images", ["batch", 1, 28, 28])]
+    methods = ("script", "trace")
+    scripted, traced = (model.to_torchscript(tmp_path / f"{method}.pt", method=method) for method in methods)
+    loaded = {method: torch.jit.load(tmp_path / f"{method}.pt") for method in methods}
+    for n in (1, 7):
+        x = torch.rand(n, 1, 28, 28)
+        with torch.no_grad():
+            expected = model(x)
+            outputs = {"onnx": torch.from_numpy(session.run(["logits"], {"images": x.numpy()})[0]),
+                       "script": scripted(x), "trace": traced(x), **{f"{m} loaded": f(x) for m, f in loaded.items()}}
+        for name, output in outputs.items():
+            torch.testing.assert_close(output, expected, atol=1e-5, rtol=1e-5, msg=f"{name}, batch of {n}")

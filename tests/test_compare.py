@@ -11,8 +11,8 @@ from hydra import compose, initialize_config_dir
 
 from conftest import one_line_error
 from fashion_lightning import CLASS_NAMES, UserError
-from fashion_lightning.compare import compare
 from fashion_lightning.app import CONFIG_DIR
+from fashion_lightning.compare import compare
 
 RECIPES = {  # (model, recipe): test accuracies of three seeds, and how the CNN beats the dense net on shirts
     ("fashion_lightning.CNN", "seed_cnn"): [0.912, 0.915, 0.918],

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+from test_train import run_cli
 
+from conftest import quick_overrides
 from fashion_lightning import CLASS_NAMES, BatchLoader, DenseBaseline, FashionMNISTDataModule, UserError
 
 
@@ -132,6 +135,21 @@ def test_a_position_within_an_epoch_resumes_only_with_its_batch_size() -> None:
     make_loader(shuffle=True).load_state_dict(within)
 
 
+def test_new_train_loaders_outside_a_trainer_read_the_next_epochs(data_dir: Path) -> None:
+    """As a DataLoader(shuffle=True) in a plain loop: every pass a new order, reproducibly."""
+    dm = FashionMNISTDataModule(data_dir=str(data_dir), download=False, batch_size=5000)
+    epochs = [torch.cat([y for _, y in dm.train_dataloader()]) for _ in range(3)]  # a new loader each epoch
+    dm.setup()
+    reference = BatchLoader(*dm.train_set, 5000, shuffle=True)  # one loader counting its own passes
+    assert all(torch.equal(e, torch.cat([y for _, y in reference])) for e in epochs)
+    assert not torch.equal(epochs[0], epochs[1]) and not torch.equal(epochs[1], epochs[2])
+    again = FashionMNISTDataModule(data_dir=str(data_dir), download=False, batch_size=5000)
+    loader = again.train_dataloader()
+    first, second = (torch.cat([y for _, y in loader]) for _ in range(2))  # one loader twice, then a new one
+    third = torch.cat([y for _, y in again.train_dataloader()])
+    assert torch.equal(first, epochs[0]) and torch.equal(second, epochs[1]) and torch.equal(third, epochs[2])
+
+
 def test_loader_follows_the_trainers_epoch() -> None:
     loader = make_loader(shuffle=True, epoch_of=lambda: 4)
     fourth = torch.cat([y for _, y in loader])
@@ -192,3 +210,36 @@ def test_scale_batch_size_finds_a_size_and_trains_with_it(data_dir: Path, tmp_pa
     assert found == 16 and dm.hparams.batch_size == 16  # trials of 4, 8, 16: no memory error on this CPU
     trainer.fit(model, datamodule=dm)
     assert [len(labels) for labels in spy.labels[0]] == [16, 16, 16]  # the size found is the size fed
+
+
+def test_num_workers_and_pin_memory_are_accepted_with_a_warning_and_change_nothing(data_dir: Path) -> None:
+    with pytest.warns(UserWarning, match=r"^data.num_workers=2 and data.pin_memory=True have no effect: the images "
+                                         r"are held in memory"):
+        dm = FashionMNISTDataModule(data_dir=str(data_dir), download=False, num_workers=2, pin_memory=True)
+    plain = FashionMNISTDataModule(data_dir=str(data_dir), download=False)
+    assert "num_workers" not in dm.hparams and dict(dm.hparams) == dict(plain.hparams)
+    (x, y), (px, py) = next(iter(dm.train_dataloader())), next(iter(plain.train_dataloader()))
+    assert torch.equal(x, px) and torch.equal(y, py)
+    with pytest.warns(UserWarning, match=r"^data.num_workers=4 has no effect"):
+        FashionMNISTDataModule(num_workers=4)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"num_workers": -1}, "data.num_workers must be an integer >= 0, got -1"),
+    ({"num_workers": 2.5}, "data.num_workers must be an integer >= 0, got 2.5"),
+    ({"num_workers": True}, "data.num_workers must be an integer >= 0, got True"),
+    ({"pin_memory": "yes"}, "data.pin_memory must be true or false, got 'yes'"),
+])
+def test_bad_num_workers_or_pin_memory(kwargs: dict, message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        FashionMNISTDataModule(**kwargs)
+
+
+def test_the_app_trains_with_num_workers_given_and_says_it_has_no_effect(data_dir: Path, tmp_path: Path) -> None:
+    overrides = [o for o in quick_overrides(data_dir, tmp_path) if not o.startswith("paths.output")]
+    done = run_cli(*overrides, "model=dense", "data.num_workers=2", "paths.output_root=outs", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run_dir,) = (tmp_path / "outs" / "runs").iterdir()
+    assert json.loads((run_dir / "results.json").read_text())["steps"] == 20
+    log = (run_dir / "train.log").read_text()
+    assert log.count("data.num_workers=2 has no effect: the images are held in memory") == 1

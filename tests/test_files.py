@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import N_TEST, N_TRAIN, write_idx
-from fashion_lightning import FashionMNISTDataModule, UserError
-from fashion_lightning import files
+from fashion_lightning import FashionMNISTDataModule, UserError, files
 from fashion_lightning.files import ensure_raw_files, load_split
 
 RAW = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")

@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_files import count_hashing
 
 from fashion_lightning.files import IDX_FILES, ensure_raw_files
-from test_files import count_hashing
 
 # imports first, then waits for the parent's go: both children extract at the same moment
 CHILD = """\

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import itertools
+import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +18,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.tuner import Tuner
+from test_train import run_cli
 
-from conftest import fit_model
+from conftest import fit_model, quick_overrides
 from fashion_lightning import CNN, DenseBaseline, FashionMNISTDataModule, UserError
+from fashion_lightning.checkpoint_io import SafeCheckpointIO, load_checkpoint_file
 
 
 @pytest.mark.parametrize("cls", [CNN, DenseBaseline])
@@ -288,6 +292,49 @@ def test_precision_plugins_train(precision: Any, dtype: torch.dtype, data_dir: P
     trainer = fit_model(model, data_dir, tmp_path, max_steps=6, **setting)
     assert trainer.global_step == 6 and all(p.dtype == dtype for p in model.parameters())
     assert all(not torch.equal(a.to(dtype), b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("cls", [CNN, DenseBaseline])
+def test_double_precision_fits_with_lightnings_model_summary(cls: type, data_dir: Path, tmp_path: Path) -> None:
+    """ModelSummary runs ``example_input_array`` through the float64 model: it follows the module's dtype."""
+    model = cls()
+    trainer = fit_model(model, data_dir, tmp_path, max_steps=2, precision="64-true", enable_model_summary=True)
+    assert trainer.global_step == 2 and model.dtype == torch.float64
+    assert model.example_input_array.dtype == torch.float64 and "Total params" in model.summary()
+    assert model.float().example_input_array.dtype == torch.float32
+
+
+def test_the_app_trains_in_double_precision(data_dir: Path, tmp_path: Path) -> None:
+    overrides = [o for o in quick_overrides(data_dir, tmp_path)
+                 if not o.startswith(("paths.output", "+trainer.enable_model_summary"))]
+    done = run_cli(*overrides, "trainer.precision=64-true", "paths.output_root=outs", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run_dir,) = (tmp_path / "outs" / "runs").iterdir()
+    assert json.loads((run_dir / "results.json").read_text())["steps"] == 20
+    assert "Total Flops" in (run_dir / "train.log").read_text()  # the model summary ran the example input
+    weights = load_checkpoint_file(run_dir / "checkpoints" / "best.ckpt")["state_dict"]
+    assert weights["net.out.weight"].dtype == torch.float64
+
+
+def documented_checkpoint(doc: Path) -> ModelCheckpoint:
+    """The ``checkpoint`` that the Python block of ``doc`` about metric names with a ``/`` makes, run as written."""
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", doc.read_text(), re.S) if "auto_insert_metric_name" in b]
+    namespace: dict[str, Any] = {}
+    exec(block, namespace)
+    return namespace["checkpoint"]
+
+
+@pytest.mark.parametrize("plugins", [[], [SafeCheckpointIO()]], ids=["lightning", "SafeCheckpointIO"])
+def test_the_documented_checkpoint_names_for_val_acc_are_flat_files(plugins: list, data_dir: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    checkpoint = documented_checkpoint(Path(__file__).parents[1] / "docs" / "api.md")
+    fit_model(DenseBaseline(lr=0.01), data_dir, tmp_path, callbacks=(checkpoint,), enable_checkpointing=True,
+              max_epochs=4, limit_train_batches=3, limit_val_batches=2, plugins=plugins)
+    files = sorted((tmp_path / "checkpoints").iterdir())
+    assert len(files) == checkpoint.save_top_k == 2  # two of four kept: two pruned, and no folder made or left
+    assert all(f.is_file() and re.fullmatch(r"epoch=\d-val_acc=\d\.\d{3}\.ckpt", f.name) for f in files)
+    assert Path(checkpoint.best_model_path).resolve() in [f.resolve() for f in files]
 
 
 def test_gradient_clipping_clips_under_a_gradient_scaler(data_dir: Path, tmp_path: Path) -> None:

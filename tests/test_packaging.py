@@ -41,6 +41,25 @@ def test_wheel_installs_with_configs_and_runs_from_anywhere(tmp_path: Path) -> N
     assert (Path(lines[0]) / "experiment" / "seed_cnn.yaml").is_file()
     assert (Path(lines[0]) / "speed" / "reference.yaml").is_file() and (Path(lines[0]) / "serve.yaml").is_file()
     assert Path(lines[2]).is_file()  # the serve page
+    assert (Path(lines[0]) / "debug" / "fdr.yaml").is_file() and (Path(lines[0]) / "logger" / "wandb.yaml").is_file()
     job = subprocess.run([python, "-m", "fashion_lightning.train", "experiment=seed_dense", "--cfg", "job"],
                          cwd=elsewhere, check=True, capture_output=True, text=True).stdout
     assert "_target_: fashion_lightning.DenseBaseline" in job and "max_epochs: 10" in job and "fused_kernels: true" in job
+    assert compose_by_module(python, elsewhere) == "fashion_lightning.DenseBaseline 3 [2, 1]"
+
+
+COMPOSE = """
+from hydra import compose, initialize_config_module
+with initialize_config_module("fashion_lightning.conf", version_base="1.3"):
+    cfg = compose("train", overrides=["experiment=seed_dense", "debug=limit", "trainer.limit_val_batches=1"])
+print(cfg.model._target_, cfg.trainer.max_epochs, [cfg.trainer.limit_test_batches, cfg.trainer.limit_val_batches])
+"""
+
+
+def compose_by_module(python: str, cwd: Path) -> str:
+    """What Hydra's Compose API gives ``python`` (started in ``cwd``) for the shipped configs found by module."""
+    return subprocess.run([python, "-c", COMPOSE], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def test_the_editable_install_finds_the_configs_by_module(tmp_path: Path) -> None:
+    assert compose_by_module(sys.executable, tmp_path) == "fashion_lightning.DenseBaseline 3 [2, 1]"

@@ -14,8 +14,8 @@ from PIL import Image
 
 from conftest import one_line_error, save_variants, synthetic_split
 from fashion_lightning import UserError
-from fashion_lightning.predict import parse_test_items, predict
 from fashion_lightning.app import CONFIG_DIR
+from fashion_lightning.predict import parse_test_items, predict
 
 
 def run_predict(*args: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_files import add_noise
 
 from conftest import compose_train
 from fashion_lightning import FashionMNISTDataModule, UserError, files
 from fashion_lightning.files import ensure_raw_files
 from fashion_lightning.train import train
-from test_files import add_noise
 
 REAL = Path("/usr/share/datasets/fashion-mnist")
 pytestmark = [pytest.mark.realdata,

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import ast
+import http.client
+import importlib.util
 import io
+import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,18 +24,20 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from PIL import Image
 
 from conftest import synthetic_split
+from fashion_lightning.app import CONFIG_DIR
 from fashion_lightning.checkpoint import trained_model
 from fashion_lightning.data import CLASS_NAMES
 from fashion_lightning.images import open_image, probabilities
 from fashion_lightning.predict import predict
-from fashion_lightning.app import CONFIG_DIR
 
 requests = pytest.importorskip("requests", reason="the serve tests need requests (pip install -e '.[test]')")
 serve = pytest.importorskip("fashion_lightning.serve", reason="needs the serve extra: pip install -e '.[serve]'")
 pixels_from_json = serve.pixels_from_json
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def png(image: np.ndarray) -> bytes:
@@ -218,6 +226,15 @@ def test_bad_start_is_one_clear_line(tmp_path: Path, trained_run: Path) -> None:
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], done.stderr
 
 
+def test_an_api_key_must_be_what_a_header_carries() -> None:
+    for key in ("s\u00e9cret", " s3cret", "s3cret\n", "s3\tcret"):
+        cfg = OmegaConf.create({"api_key": key, "host": "127.0.0.1", "allow_no_key": False})
+        with pytest.raises(serve.UserError, match="must be printable ASCII") as info:
+            serve.check_access(cfg)
+        assert key not in str(info.value)  # the key itself is never shown
+    serve.check_access(OmegaConf.create({"api_key": "a key-with_\\odd~chars", "host": "::", "allow_no_key": False}))
+
+
 def test_a_port_in_use_is_one_clear_line(tmp_path: Path, server_url: str, trained_run: Path) -> None:
     port = server_url.rsplit(":", 1)[1]
     done = run_serve(f"ckpt_path={trained_run / 'checkpoints' / 'best.ckpt'}", f"port={port}", cwd=tmp_path)
@@ -252,6 +269,67 @@ def test_an_api_key_is_asked_of_every_request_but_the_page_and_health(guarded_ur
     assert [requests.get(f"{url}{path}", timeout=10).status_code for path in ("/", "/health")] == [200, 200]
 
 
+def test_serve_load_sends_the_api_key(guarded_url: str, items: tuple) -> None:
+    spec = importlib.util.spec_from_file_location("serve_load", ROOT / "benchmarks" / "serve_load.py")
+    serve_load = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(serve_load)
+    assert "X-API-Key" not in serve_load.request_headers(None)
+    body = serve_load.multipart(items[0][0])
+    connection = http.client.HTTPConnection("127.0.0.1", int(guarded_url.rsplit(":", 1)[1]), timeout=60)
+    try:
+        with pytest.raises(RuntimeError, match="HTTP 401"):
+            serve_load.post(connection, body, serve_load.request_headers(None))
+        connection.close()
+        answer = serve_load.post(connection, body, serve_load.request_headers(KEY["X-API-Key"]))
+        assert len(answer["predictions"]) == 1
+    finally:
+        connection.close()
+
+
+def readme_clients() -> dict[str, str]:
+    """The README's client examples: the bash and the python block under its '## Serving' heading."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("\n## Serving\n", 1)[1].split("\n## ", 1)[0]
+    blocks = dict(re.findall(r"^```(bash|python)\n(.*?)^```$", section, re.S | re.M))
+    assert set(blocks) == {"bash", "python"} and len(re.findall("^```[a-z]", section, re.M)) == 2, section
+    assert all(block.count("http://127.0.0.1:8000") == 1 for block in blocks.values()), blocks
+    return blocks
+
+
+def test_the_readme_client_examples_work_as_written(server_url: str, guarded_url: str, items: tuple,
+                                                    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """Both blocks, as written but for the server's port, against a server without a key (none set) and one with
+    (the key set as the server has it; and unset: refused)."""
+    (tmp_path / "shirt.png").write_bytes(items[0][0])
+    monkeypatch.chdir(tmp_path)
+    expected = ask(server_url, items[0][0]).json()["predictions"][0]
+    for url, key in ((server_url, None), (guarded_url, KEY["X-API-Key"]), (guarded_url, None)):
+        blocks = {name: code.replace("http://127.0.0.1:8000", url) for name, code in readme_clients().items()}
+        env = {k: v for k, v in os.environ.items() if k != "FASHION_LIGHTNING_API_KEY"}
+        if key:
+            env["FASHION_LIGHTNING_API_KEY"] = key
+            monkeypatch.setenv("FASHION_LIGHTNING_API_KEY", key)
+        else:
+            monkeypatch.delenv("FASHION_LIGHTNING_API_KEY", raising=False)
+        refused = url == guarded_url and key is None
+        if shutil.which("curl"):
+            done = subprocess.run(["bash", "-e", "-c", blocks["bash"]], env=env, capture_output=True, text=True,
+                                  timeout=60)
+            assert done.returncode == 0, done.stderr
+            answer = json.loads(done.stdout)
+            if refused:
+                assert "X-API-Key" in answer["detail"], answer
+            else:
+                assert same_answer(answer["predictions"][0], expected), answer
+        if refused:
+            with pytest.raises(requests.HTTPError, match="401"):
+                exec(compile(blocks["python"], "README.md", "exec"), {})
+        else:
+            exec(compile(blocks["python"], "README.md", "exec"), {})
+            assert same_answer(ast.literal_eval(capsys.readouterr().out), expected)
+
+
 def inference_workers(url: str) -> list[int]:
     """The pids of the inference workers of the server at ``url``: the processes that LitServe spawned (not forked)
     from it, read from /proc."""
@@ -269,7 +347,7 @@ def test_a_killed_inference_worker_is_started_again_and_no_request_hangs(guarded
     url, good = guarded_url, {"file": ("item.png", items[0][0])}
     expected = requests.post(f"{url}/predict", files=good, headers=KEY, timeout=60).json()["predictions"][0]
     (worker,) = inference_workers(url)
-    stop = threading.Event()
+    stop, answered = threading.Event(), threading.Semaphore(0)
 
     def client() -> list[tuple[int, float]]:  # requests before, during and after the kill
         answers = []
@@ -277,11 +355,12 @@ def test_a_killed_inference_worker_is_started_again_and_no_request_hangs(guarded
             start = time.monotonic()
             status = requests.post(f"{url}/predict", files=good, headers=KEY, timeout=60).status_code
             answers.append((status, time.monotonic() - start))
+            answered.release()
         return answers
 
     with ThreadPoolExecutor(4) as pool:
         clients = [pool.submit(client) for _ in range(4)]
-        time.sleep(0.3)  # the worker busy with their requests
+        assert all(answered.acquire(timeout=60) for _ in range(8))  # the worker busy with their requests
         os.kill(worker, signal.SIGKILL)
         deadline = time.monotonic() + 90
         while not (inference_workers(url) not in ([], [worker])

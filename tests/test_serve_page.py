@@ -1,10 +1,11 @@
-"""The page at ``GET /`` in a real browser (Chromium, driven by Selenium): upload an image, draw one."""
+"""The page at ``GET /`` in a real browser (Chromium, driven by Selenium): upload an image, draw one; with a key."""
 
 from __future__ import annotations
 
 import base64
 import io
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from PIL import Image
 from conftest import synthetic_split
 
 requests = pytest.importorskip("requests", reason="the serve tests need requests (pip install -e '.[test]')")
-pytest.importorskip("fashion_lightning.serve", reason="needs the serve extra: pip install -e '.[serve]'")
+serve = pytest.importorskip("fashion_lightning.serve", reason="needs the serve extra: pip install -e '.[serve]'")
 webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium: pip install -e '.[test]'")
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -83,3 +84,51 @@ def test_upload_and_draw_in_a_browser(browser: webdriver.Chrome, server_url: str
     assert top == expected["prediction"] and bars == [t["class"] for t in expected["top"]]
     assert seen_pixels(browser).max() == 255  # the stroke, cropped and scaled to fill the frame
     assert np.array(Image.open(io.BytesIO(drawing)).convert("L")).max() == 255
+
+
+KEY = "page-k3y"
+
+
+@pytest.fixture(scope="module")
+def guarded_url(trained_run: Path) -> Iterator[str]:
+    """A server with an API key (from the environment, as an operator sets it)."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("FASHION_LIGHTNING_API_KEY", KEY)
+        with serve.in_background(trained_run / "checkpoints" / "best.ckpt") as url:
+            yield url
+
+
+def test_the_page_asks_for_the_api_key(browser: webdriver.Chrome, guarded_url: str, tmp_path: Path) -> None:
+    """No key: a clear 401 message; a wrong one: another; the right one: model information and answers, and the
+    key kept for the tab (sessionStorage) across a reload, nowhere else."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    Image.fromarray(synthetic_split(5, seed=3)[0][1]).save(tmp_path / "item.png")
+    api = requests.post(f"{guarded_url}/predict", files={"file": (tmp_path / "item.png").read_bytes()},
+                        headers={"X-API-Key": KEY}, timeout=60).json()["predictions"][0]
+    text = lambda d, id_: d.find_element(By.ID, id_).text  # noqa: E731
+
+    browser.get(guarded_url)
+    WebDriverWait(browser, 60).until(lambda d: "needs its API key" in text(d, "key-status"))
+    assert browser.find_element(By.ID, "key").get_attribute("type") == "password"
+    browser.find_element(By.ID, "file").send_keys(str(tmp_path / "item.png"))
+    WebDriverWait(browser, 60).until(lambda d: text(d, "error"))
+    assert text(browser, "error") == "401: this server needs its API key: enter it in the API key field above"
+
+    key = browser.find_element(By.ID, "key")
+    key.send_keys("wrong\n")  # Enter: the form's submit
+    WebDriverWait(browser, 60).until(lambda d: "wrong API key" in text(d, "key-status"))
+    key.clear()
+    key.send_keys(KEY + "\n")
+    WebDriverWait(browser, 60).until(lambda d: "804,554 parameters" in text(d, "model"))
+    assert text(browser, "key-status") == ""
+    browser.find_element(By.ID, "file").send_keys(str(tmp_path / "item.png"))
+    top, bars = shown(browser, 1)
+    assert top == api["prediction"] and bars == [t["class"] for t in api["top"]]
+
+    browser.refresh()  # the same tab: the key is still there
+    WebDriverWait(browser, 60).until(lambda d: "804,554 parameters" in text(d, "model"))
+    assert browser.find_element(By.ID, "key").get_attribute("value") == KEY
+    stored = browser.execute_script("return [sessionStorage.length, localStorage.length, document.cookie]")
+    assert stored == [1, 0, ""]

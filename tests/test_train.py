@@ -236,7 +236,8 @@ def test_help_lists_groups_and_options(tmp_path: Path) -> None:
     assert done.returncode == 0
     for line in ("model: cnn, dense", "speed: fast, fused, reference", "trainer: cpu, ddp, ddp_cpu, default, gpu",
                  "experiment: best_cnn, best_dense, fast_cnn, seed_cnn, seed_dense", "callbacks: default, ema",
-                 "sweep: kernel_size", "logger: csv, tensorboard"):
+                 "sweep: kernel_size", "logger: csv, mlflow, tensorboard, wandb",
+                 "debug: fdr, limit, overfit, profiler"):
         assert line in done.stdout
 
 
