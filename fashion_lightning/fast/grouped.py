@@ -1,5 +1,5 @@
 """Grouped training steps: several batches per Lightning training step, one optimizer step each, the way Keras has
-``steps_per_execution``. Lightning's per-step machinery (hooks, loops, logging, progress bar: about 2.5 ms a step on
+``steps_per_execution``. Lightning's per-step machinery (hooks, loops, logging, progress bar: 1-3 ms a step on
 a 2-core CPU) is then paid once per group, which matters where a step's arithmetic takes a few ms.
 
 Two pieces, composed by the app (``steps_per_execution`` > 1) or by hand::
