@@ -1,5 +1,5 @@
-"""The speed options side by side, each a whole process: the training app, a plain PyTorch loop of the same math,
-and the tutorial's own Keras code.
+"""The app's default and its speed options side by side, each a whole process: the training app, a plain PyTorch
+loop of the same math, and the tutorial's own Keras code.
 
     python benchmarks/benchmark.py                       # seed_cnn, seed_dense, fast_cnn; seeds 0,1,2; CPU
     python benchmarks/benchmark.py --recipes seed_cnn --seeds 0 --epochs 1
@@ -7,8 +7,9 @@ and the tutorial's own Keras code.
     python benchmarks/benchmark.py --device cuda --out benchmarks/results-gpu.md
 
 For each recipe and seed, the processes run in turn (so that the machine's drift hits them alike):
-- ``app, <option>`` (fast, fused, reference): ``python -m fashion_lightning.train experiment=<recipe>
-  speed=<option>``, everything the command does (start-up, data, training, validation, test, checkpoints, report);
+- ``app, <option>``: ``python -m fashion_lightning.train experiment=<recipe>`` plus the option's overrides
+  (`OPTIONS`: ``default`` none, ``reference`` the tutorial's plain networks, ``grouped`` 64 batches a step),
+  everything the command does (start-up, data, training, validation, test, checkpoints, report);
 - ``plain, <option>``: this script's own loop (``--plain``), the same network (the CNN fused or plain, as the
   option builds it), initialisation, optimizer, schedule and batches in the same order, with nothing but forward,
   loss, backward, the optimizer step and a running accuracy;
@@ -36,12 +37,15 @@ import time
 from pathlib import Path
 
 RECIPES = ("seed_cnn", "seed_dense", "fast_cnn")
-PATHS = ("app, fast", "app, fused", "app, reference", "plain, fast", "plain, reference", "keras")
+OPTIONS = {"default": [], "reference": ["model.fused=false"], "grouped": ["steps_per_execution=64"]}
+"""The app's options compared: the default (the fused network, one batch a step), the tutorial's plain networks, and
+grouped steps (Keras' steps_per_execution)."""
+PATHS = ("app, default", "app, grouped", "app, reference", "plain, default", "plain, reference", "keras")
 KERAS = Path(__file__).with_name("keras_tutorial.py")
 
 
 def overrides(recipe: str, speed: str, seed: int, args: argparse.Namespace) -> list[str]:
-    extra = [f"experiment={recipe}", f"speed={speed}", f"seed={seed}",
+    extra = [f"experiment={recipe}", *OPTIONS[speed], f"seed={seed}",
              f"trainer.accelerator={'gpu' if args.device == 'cuda' else 'cpu'}"]
     if args.data_dir:
         extra.append(f"paths.data_dir={args.data_dir}")
@@ -59,7 +63,7 @@ def plain(recipe: str, speed: str, seed: int, args: argparse.Namespace) -> dict:
     from hydra.utils import instantiate
 
     from fashion_lightning.app import CONFIG_DIR
-    from fashion_lightning.data import BatchLoader
+    from fashion_lightning.data.datamodule import BatchLoader
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("train", overrides=overrides(recipe, speed, seed, args))
@@ -70,7 +74,7 @@ def plain(recipe: str, speed: str, seed: int, args: argparse.Namespace) -> dict:
     net, hp, dhp = model.net.to(device), model.hparams, datamodule.hparams  # the app's network: fused or plain
     optimizer = torch.optim.Adam(net.parameters(), lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps,
                                  weight_decay=hp.weight_decay, fused=True)
-    images, labels = (t.to(device) for t in datamodule.train_set)
+    images, labels = (t.to(device) for t in (datamodule.train_set.images, datamodule.train_set.labels))
     loader = BatchLoader(images, labels, dhp.batch_size, shuffle=True, seed=dhp.seed, scale=dhp.scale)
     epochs = cfg.trainer.max_epochs
     scheduler = (torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=hp.lr, total_steps=epochs * len(loader))
@@ -92,7 +96,7 @@ def plain(recipe: str, speed: str, seed: int, args: argparse.Namespace) -> dict:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
         train_acc = correct.item() / len(labels)
-    test_x, test_y = datamodule.test_set
+    test_x, test_y = datamodule.test_set.images, datamodule.test_set.labels
     with torch.no_grad():
         hits = sum(int((net(x).argmax(1) == y).sum())
                    for x, y in BatchLoader(test_x.to(device), test_y.to(device), 1000, scale=dhp.scale))
@@ -164,7 +168,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipes", default=",".join(RECIPES), help=f"comma-separated, of {', '.join(RECIPES)}")
     parser.add_argument("--paths", default=",".join(p.replace(", ", ":") for p in PATHS),
-                        help="comma-separated, of app:fast, app:fused, app:reference, plain:fast, plain:reference, keras")
+                        help="comma-separated, of app:default, app:grouped, app:reference, plain:default, "
+                             "plain:reference, keras")
     parser.add_argument("--keras-python", default=sys.executable,
                         help="an interpreter with TensorFlow for the keras path (default: this one)")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds; accuracy is reported over them")

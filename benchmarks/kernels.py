@@ -1,4 +1,4 @@
-"""Does the fused CNN pay? `FastConvNet` against `ConvNet`, same weights and batches, outside Lightning.
+"""Does the fused CNN pay? `FusedConvNet` against `ConvNet`, same weights and batches, outside Lightning.
 
     python benchmarks/kernels.py [--batch-size 32] [--steps 100] [--repeats 5]
 
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fashion_lightning import ConvNet, keras_init_
-from fashion_lightning.fast import FastConvNet
+from fashion_lightning.nets.fused import FusedConvNet
 
 
 def time_steps(net: nn.Module, batches: list[tuple[Tensor, Tensor]]) -> float:
@@ -51,7 +51,7 @@ def main() -> None:
     batches = [(torch.rand(n, 1, 28, 28) * (torch.rand(n, 1, 28, 28) > 0.5), torch.randint(0, 10, (n,)))
                for _ in range(args.steps)]
     images = torch.rand(1000, 1, 28, 28)
-    nets = {"FastConvNet": FastConvNet, "ConvNet": ConvNet}
+    nets = {"FusedConvNet": FusedConvNet, "ConvNet": ConvNet}
     train: dict[str, list[float]] = {name: [] for name in nets}
     infer: dict[str, list[float]] = {name: [] for name in nets}
     for _ in range(args.repeats + 1):  # the first round warms up and is dropped

@@ -43,7 +43,7 @@ def multipart(png: bytes) -> bytes:
 def test_pngs(n: int, data_dir: str | None) -> list[bytes]:
     """``n`` test images as PNG files: the real test set where it can be read, else synthetic blocks."""
     try:
-        from fashion_lightning.files import ensure_raw_files, load_split
+        from fashion_lightning.data.idx_files import ensure_raw_files, load_split
 
         folder = data_dir or "data"
         ensure_raw_files(folder, download=False)

@@ -1,16 +1,18 @@
-"""Where a textbook training step's time goes: ms a step of ``speed=reference``, setting by setting.
+"""Where a training step of the app's default (the textbook LightningModule) goes: ms a step, setting by setting.
 
-    python benchmarks/step_cost.py --data-dir data [--recipe seed_cnn] [--steps 400] [--rounds 5]
+    python benchmarks/step_cost.py --data-dir data [--recipe seed_cnn] [--network fused|plain] [--steps 400]
 
 Each variant fits one epoch of ``--steps`` batches in this process (validation and the sanity check off), the
 variants in turn, ``--rounds`` times, so that the machine's drift hits them alike; a step's time is the median gap
 between consecutive ``on_train_batch_start`` calls after the first 50 (what the epoch-end checkpoints and the
 loader's start cost is outside it). Variants, each one change from the one above unless it says otherwise:
 
-- ``app``: the app's trainer, callbacks and logger, as ``experiment=<recipe> speed=reference`` composes them;
+- ``app``: the app's trainer, callbacks and logger, as ``experiment=<recipe>`` composes them (``--network plain``:
+  with ``model.fused=false``);
 - ``bar every step``: the progress bar refreshed every step (Lightning's default) instead of every 50;
 - ``no progress bar``: (from ``app``) no progress bar;
-- ``step loss unlogged``: (from ``no progress bar``) ``training_step`` without its ``self.log`` of the loss;
+- ``step loss unlogged``: (from ``no progress bar``) ``training_step`` without its ``self.log`` of the loss (which
+  the module calls every ``log_every_n_steps`` steps only);
 - ``no train metrics``: and without the running accuracy and loss updates either;
 - ``bare Trainer``: that module in ``L.Trainer`` with no callbacks, logger, checkpointing or model summary;
 - ``plain loop``: no Lightning: forward, loss, backward, Adam's step, ``zero_grad``.
@@ -78,6 +80,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--recipe", default="seed_cnn")
+    parser.add_argument("--network", choices=("fused", "plain"), default="fused")
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
@@ -85,7 +88,7 @@ def main() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # Lightning's notices, once a fit
 
     with tempfile.TemporaryDirectory() as out, initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=[f"experiment={args.recipe}", "speed=reference",
+        cfg = compose("train", overrides=[f"experiment={args.recipe}", f"model.fused={args.network == 'fused'}",
                                           f"paths.data_dir={args.data_dir}", f"paths.output_dir={out}"])
         datamodule = instantiate(cfg.data)
         limits = {"max_epochs": 1, "limit_train_batches": args.steps, "limit_val_batches": 0,
@@ -138,7 +141,7 @@ def main() -> None:
             for name, fit in variants.items():
                 times[name].append(fit())
     floor = statistics.median(times["plain loop"])
-    print(f"\n{args.recipe}, speed=reference, {args.steps} steps a fit, {args.rounds} rounds; torch "
+    print(f"\n{args.recipe}, {args.network} network, {args.steps} steps a fit, {args.rounds} rounds; torch "
           f"{torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads\n")
     print("| variant | ms a step, median (min-max) | over the plain loop, ms |")
     print("|---|---:|---:|")

@@ -28,7 +28,7 @@ from fashion_lightning.app import (
     write_json,
     write_text,
 )
-from fashion_lightning.data import CLASS_NAMES
+from fashion_lightning.data.datamodule import CLASS_NAMES
 from fashion_lightning.errors import UserError
 
 

@@ -9,8 +9,15 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from fashion_lightning.app import CONFIG_DIR, DATA_PATHS, reported_as_one_line, set_up_process, with_launch_paths
-from fashion_lightning.checkpoint import load_trained, run_dir_of
+from fashion_lightning.app import (
+    CONFIG_DIR,
+    DATA_PATHS,
+    load_trained,
+    reported_as_one_line,
+    run_dir_of,
+    set_up_process,
+    with_launch_paths,
+)
 from fashion_lightning.report import METRICS_CSV, write_report
 
 

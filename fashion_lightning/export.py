@@ -15,12 +15,19 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from fashion_lightning.app import CONFIG_DIR, DATA_PATHS, reported_as_one_line, set_up_process, with_launch_paths
-from fashion_lightning.checkpoint import load_trained, run_dir_of
-from fashion_lightning.checkpoint_io import write_atomically
-from fashion_lightning.data import CLASS_NAMES, to_input
+from fashion_lightning.app import (
+    CONFIG_DIR,
+    DATA_PATHS,
+    load_trained,
+    reported_as_one_line,
+    run_dir_of,
+    set_up_process,
+    with_launch_paths,
+)
+from fashion_lightning.data.datamodule import CLASS_NAMES, to_input
 from fashion_lightning.errors import UserError
-from fashion_lightning.module import onnx_options
+from fashion_lightning.lit.checkpoints import write_atomically
+from fashion_lightning.lit.classifier import onnx_options
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 TOLERANCE = 1e-5
@@ -88,7 +95,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     out.parent.mkdir(parents=True, exist_ok=True)
     datamodule = instantiate(cfg.data)
     datamodule.setup("test")
-    images = to_input(datamodule.test_set[0][:256], scale)
+    images = to_input(datamodule.test_set.images[:256], scale)
     with torch.no_grad():  # checked in memory, then written: never a half-written or unchecked model under the name
         content, run = (to_onnx if cfg.format == "onnx" else to_torchscript)(model, images[:2])
         expected = trained.predict_step(images)[0]  # what predict and serve answer

@@ -19,14 +19,16 @@ from fashion_lightning.app import (
     DATA_PATHS,
     as_list,
     launch_path,
+    load_trained,
+    probabilities,
+    ranked,
     reported_as_one_line,
     set_up_process,
     with_launch_paths,
 )
-from fashion_lightning.checkpoint import load_trained
-from fashion_lightning.data import CLASS_NAMES
+from fashion_lightning.data.datamodule import CLASS_NAMES
+from fashion_lightning.data.images import INVERT, ImageError, open_image
 from fashion_lightning.errors import UserError, check_positive_int
-from fashion_lightning.images import INVERT, ImageError, open_image, probabilities, ranked
 
 
 @dataclass
@@ -74,7 +76,7 @@ def gather_items(inputs: list[str], invert: str, cfg: DictConfig) -> list[Item]:
                 datamodule = instantiate(cfg.data)
                 datamodule.setup("test")
                 test_set = datamodule.test_set
-            items += [Item(f"test:{i}", test_set[0][i], int(test_set[1][i])) for i in indices]
+            items += [Item(f"test:{i}", test_set.images[i], int(test_set.labels[i])) for i in indices]
         else:
             items.append(read_image(spec, invert))
     return items

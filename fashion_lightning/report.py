@@ -15,8 +15,8 @@ from torchmetrics.functional.classification import multiclass_confusion_matrix
 from torchvision.utils import make_grid
 
 from fashion_lightning.app import write_figure, write_json, write_text
-from fashion_lightning.data import CLASS_NAMES, BatchLoader, FashionMNISTDataModule, to_input
-from fashion_lightning.module import ImageClassifier
+from fashion_lightning.data.datamodule import CLASS_NAMES, BatchLoader, FashionMNISTDataModule, to_input
+from fashion_lightning.lit.classifier import ImageClassifier
 
 METRICS_CSV = "logs/metrics.csv"
 """Where the CSV logger (conf/logger/csv.yaml) writes per-epoch metrics, relative to the run directory."""
@@ -26,7 +26,7 @@ METRICS_CSV = "logs/metrics.csv"
 def predict_test_set(model: ImageClassifier, datamodule: FashionMNISTDataModule) -> tuple[Tensor, Tensor, Tensor]:
     """Class probabilities (N, 10), the scaled images (N, 1, 28, 28) and labels (N,) of the official test set."""
     datamodule.setup("test")
-    images, labels = datamodule.test_set
+    images, labels = datamodule.test_set.images, datamodule.test_set.labels
     loader = BatchLoader(images, labels, 1000, scale=datamodule.hparams.scale)
     model = model.eval().cpu()
     probs = torch.cat([model.predict_step(x)[0] for x, _ in loader])
@@ -117,34 +117,6 @@ def plot_curves(metrics_csv: Path, path: Path) -> None:
         axis.legend()
     fig.tight_layout()
     write_figure(fig, path)
-
-
-def plot_sweep(rows: list[dict[str, Any]], path: Path) -> bool:
-    """Validation and test accuracy against the swept value, when one numeric key was swept; True if drawn."""
-    points = []
-    for row in rows:
-        overrides = dict(o.split("=", 1) for o in row["overrides"].split() if "=" in o)
-        if row.get("val_acc_best") is not None:
-            points.append((overrides, row["val_acc_best"], row.get("test_acc")))
-    keys = {key for overrides, _, _ in points for key in overrides}
-    swept = [k for k in keys if len({o.get(k) for o, _, _ in points}) > 1]
-    if len(swept) != 1:
-        return False
-    try:
-        data = sorted((float(o[swept[0]]), val, test) for o, val, test in points)
-    except (KeyError, ValueError):
-        return False
-    fig = Figure(figsize=(7, 4.5), dpi=100)
-    ax = fig.subplots()
-    ax.plot([d[0] for d in data], [d[1] for d in data], marker="o", label="best validation accuracy")
-    ax.plot([d[0] for d in data], [d[2] for d in data], marker="s", label="test accuracy")
-    ax.set_xlabel(swept[0])
-    ax.set_ylabel("accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    write_figure(fig, path)
-    return True
 
 
 def write_report(model: ImageClassifier, datamodule: FashionMNISTDataModule, out_dir: str | Path,

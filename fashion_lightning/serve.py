@@ -46,12 +46,20 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from fashion_lightning import images
-from fashion_lightning.app import CONFIG_DIR, reported_as_one_line, set_up_process, with_launch_paths
-from fashion_lightning.checkpoint import load_trained, trained_model
-from fashion_lightning.data import CLASS_NAMES
+from fashion_lightning.app import (
+    CONFIG_DIR,
+    load_trained,
+    probabilities,
+    ranked,
+    reported_as_one_line,
+    set_up_process,
+    with_launch_paths,
+)
+from fashion_lightning.data import images
+from fashion_lightning.data.datamodule import CLASS_NAMES
+from fashion_lightning.data.images import ImageError, open_image
 from fashion_lightning.errors import UserError, check_positive_int
-from fashion_lightning.images import ImageError, open_image, probabilities, ranked
+from fashion_lightning.lit.checkpoints import trained_model
 
 try:  # the serve extra
     import litserve as ls

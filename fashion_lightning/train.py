@@ -16,11 +16,13 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
+from filelock import FileLock, Timeout
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.loggers import Logger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from fashion_lightning.app import (
@@ -29,16 +31,115 @@ from fashion_lightning.app import (
     launch_path,
     reported_as_one_line,
     set_up_process,
+    stopped_by_signals,
     with_launch_paths,
     write_json,
 )
-from fashion_lightning.callbacks import EpochTimer
-from fashion_lightning.checkpoint import check_compatible, check_same_data, read_checkpoint
 from fashion_lightning.errors import UserError, check_positive_int, is_seed
-from fashion_lightning.fast.grouped import GroupedDataModule, StepsRestored, grouped
-from fashion_lightning.module import ImageClassifier
+from fashion_lightning.lit.callbacks import EpochTimer
+from fashion_lightning.lit.checkpoints import check_compatible, check_same_data, read_checkpoint
+from fashion_lightning.lit.classifier import ImageClassifier
 
 log = logging.getLogger(__name__)
+
+
+def train(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict[str, Any]:
+    """Fit ``cfg.model`` on ``cfg.data``, test the chosen checkpoint once (unless ``cfg.test`` is false), write
+    ``results.json``; return it.
+
+    ``cfg`` is the composed ``train`` config; ``cfg.paths.output_dir`` is the run directory (without a Hydra app
+    running, a new one under ``cfg.paths.output_root``: `run_config`). ``callbacks`` are Lightning callbacks added
+    to the configured ones (a tuner's pruning callback, for example). Under ``trainer.fast_dev_run`` nothing is
+    written, as Lightning writes no checkpoint or log then.
+    """
+    start = time.perf_counter()
+    check_config(cfg)
+    cfg = run_config(cfg)
+    with run_dir_lock(Path(cfg.paths.output_dir), writes=not cfg.trainer.get("fast_dev_run")):
+        return fit_and_test(cfg, callbacks, start)
+
+
+def fit_and_test(cfg: DictConfig, callbacks: Sequence[L.Callback], start: float) -> dict[str, Any]:
+    """`train`'s work, in the run directory it holds."""
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    steps = cfg.get("steps_per_execution", 1)
+
+    datamodule: L.LightningDataModule = instantiate(cfg.data)
+    check_test_choice(cfg, datamodule)
+    model = build_model(cfg.model, steps)
+    ckpt_path = resume_checkpoint(cfg, model, datamodule)
+    callbacks = [*(instantiate(c) for c in (cfg.get("callbacks") or {}).values()), *callbacks]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    trainer = instantiate_trainer(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+    with ending_wandb_run(trainer.loggers):
+        with manual_optimization_refusals(steps):
+            trainer.fit(model, datamodule=fit_datamodule(datamodule, steps), ckpt_path=ckpt_path)
+        fit_metrics = {k.replace("/", "_"): float(v) for k, v in trainer.callback_metrics.items() if "/" in k}
+        test_ckpt, test_metrics = test(cfg, trainer, model, datamodule)
+
+    results = {
+        **fit_metrics,
+        **test_metrics,
+        "tested": test_ckpt,
+        "epochs": trainer.current_epoch,
+        "steps": trainer.global_step,
+        "wall_time_s": round(time.perf_counter() - start, 2),
+        "epoch_time_s": epoch_times(trainer),
+        "params": sum(p.numel() for p in model.net.parameters()),
+        "model": cfg.model._target_,
+        "recipe": cfg.get("recipe", "custom"),
+        "seed": cfg.seed,
+        "overrides": _overrides(),
+        "resumed_from": ckpt_path,
+        "run_dir": cfg.paths.output_dir,
+    }
+    write_results(cfg, trainer, model, datamodule, results)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        trainer.strategy.barrier("results written")  # no rank exits while rank 0 still writes
+        torch.distributed.destroy_process_group()
+    return results
+
+
+def test(cfg: DictConfig, trainer: L.Trainer, model: ImageClassifier,
+         datamodule: L.LightningDataModule) -> tuple[str | None, dict[str, float]]:
+    """Test the checkpoint ``cfg.test_ckpt`` chooses once, unless ``cfg.test`` is false: what was tested (a path, or
+    "final weights"; None when nothing was) and ``test_acc``, ``test_loss``."""
+    if not cfg.get("test", True):
+        return None, {}
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    if cfg.test_ckpt == "best" and not best:
+        log.warning("test_ckpt=best, but no best checkpoint was saved (nothing validated?): testing the final weights")
+    ckpt_path = best if cfg.test_ckpt == "best" and best else None
+    (metrics,) = trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
+    return ckpt_path or "final weights", {"test_acc": metrics["test/acc"], "test_loss": metrics["test/loss"]}
+
+
+def epoch_times(trainer: L.Trainer) -> list[float]:
+    """The training epochs' wall times an `EpochTimer` among the callbacks measured (none without one)."""
+    timer = next((c for c in trainer.callbacks if isinstance(c, EpochTimer)), None)
+    return [round(t, 3) for t in timer.times] if timer else []
+
+
+def write_results(cfg: DictConfig, trainer: L.Trainer, model: ImageClassifier, datamodule: L.LightningDataModule,
+                  results: dict[str, Any]) -> None:
+    """On rank 0: the report (``cfg.report``, after a test) and ``results.json`` in the run directory, the latter
+    last, so that a run whose report failed never looks finished. Nothing under ``fast_dev_run``."""
+    if not trainer.is_global_zero:
+        return
+    if trainer.fast_dev_run:
+        log.info("fast_dev_run: %d training step(s) ran; no results.json, report, checkpoint or log written",
+                 results["steps"])
+        return
+    run_dir = Path(cfg.paths.output_dir)
+    if cfg.get("report") and results["tested"]:
+        from fashion_lightning.report import METRICS_CSV, write_report
+
+        write_report(model, datamodule, run_dir / "report", metrics_csv=run_dir / METRICS_CSV)
+    write_json(run_dir / "results.json", results)
+    if results["tested"]:
+        log.info("test accuracy %.4f (%s), %d steps in %.1f s; results: %s", results["test_acc"], results["tested"],
+                 results["steps"], results["wall_time_s"], run_dir / "results.json")
 
 
 def check_accelerator(accelerator: str) -> None:
@@ -82,6 +183,36 @@ RESUMABLE = ("interrupted.ckpt", "last.ckpt")
 """The checkpoints a resume looks for: where training stood when it was stopped, or when it ended."""
 
 
+def resume_hint(run_dir: Path) -> str:
+    """What a stopped run left to resume from in ``run_dir``, and the command that resumes it."""
+    saved = [name for name in RESUMABLE if (run_dir / "checkpoints" / name).is_file()]
+    if not saved:
+        return f"no checkpoint was saved in {run_dir} (no training step had finished); start the run again"
+    return (f"{' and '.join(saved)} saved in {run_dir / 'checkpoints'}; resume with: python -m fashion_lightning.train "
+            f"ckpt_path={run_dir} and the run's other settings")
+
+
+@contextmanager
+def run_dir_lock(run_dir: Path, writes: bool = True) -> Iterator[None]:
+    """Hold ``run_dir`` for this run (rank 0, for the whole run, where it ``writes``: not under ``fast_dev_run``): a
+    second run started into the same folder is refused in one line, never mixed with this one's checkpoints, logs
+    and results."""
+    if rank_zero_only.rank != 0 or not writes:
+        yield
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(run_dir / ".run.lock", timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise UserError(f"another run is writing into {run_dir} now; give each run its own folder "
+                        "(hydra.run.dir, or leave it to Hydra's default)") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def resolve_ckpt_path(ckpt_path: str | None, output_root: str | os.PathLike) -> str | None:
     """Turn ``ckpt_path`` into a checkpoint file, or None: a file; a run directory (its newest resumable
     checkpoint); or "last", the newest resumable checkpoint of any run under ``output_root``. A relative path is
@@ -100,11 +231,66 @@ def resolve_ckpt_path(ckpt_path: str | None, output_root: str | os.PathLike) -> 
 
 
 def build_model(model_cfg: DictConfig, steps_per_execution: int = 1) -> ImageClassifier:
-    """``model_cfg``'s LightningModule; with ``steps_per_execution`` > 1 its grouped-steps class (`fast.grouped`)."""
+    """``model_cfg``'s LightningModule; with ``steps_per_execution`` > 1 its grouped-steps twin (`lit.grouped`)."""
     if steps_per_execution == 1:
         return instantiate(model_cfg)
+    from fashion_lightning.lit.grouped import grouped  # the opt-in: nothing else imports it
+
     build = instantiate(model_cfg, _partial_=True)
     return grouped(build.func)(*build.args, **build.keywords)
+
+
+def fit_datamodule(datamodule: L.LightningDataModule, steps_per_execution: int) -> L.LightningDataModule:
+    """The datamodule ``fit`` reads: ``datamodule``, its training batches grouped where ``steps_per_execution`` > 1."""
+    if steps_per_execution == 1:
+        return datamodule
+    from fashion_lightning.lit.grouped import GroupedDataModule
+
+    return GroupedDataModule(datamodule, steps_per_execution)
+
+
+def check_config(cfg: DictConfig) -> None:
+    """One clear error for a setting of the train config that would fail later, or not at all."""
+    check_settings(cfg)
+    check_accelerator(cfg.trainer.accelerator)
+    if cfg.test_ckpt not in ("best", "last"):
+        raise UserError(f"test_ckpt must be best or last, got {cfg.test_ckpt!r}")
+    if not is_seed(cfg.seed):
+        raise UserError(f"seed must be an integer in 0..{2**32 - 1}, got {cfg.seed!r}")
+    check_positive_int("steps_per_execution", cfg.get("steps_per_execution", 1))
+
+
+def check_test_choice(cfg: DictConfig, datamodule: L.LightningDataModule) -> None:
+    """Refuse choosing the tested checkpoint by the test set itself."""
+    if cfg.test_ckpt == "best" and cfg.get("test", True) and getattr(datamodule, "num_val", None) == 0:
+        raise UserError("data.val_split=0 validates on the test set, so test_ckpt=best would choose the epoch by its "
+                        "test accuracy and report that same accuracy; set test_ckpt=last (as the seed experiments do)")
+
+
+def resume_checkpoint(cfg: DictConfig, model: ImageClassifier, datamodule: L.LightningDataModule) -> str | None:
+    """``cfg.ckpt_path`` as a file (`resolve_ckpt_path`), checked against the model and the data; None for none."""
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.output_root)
+    if ckpt_path:
+        checkpoint = read_checkpoint(ckpt_path)
+        check_compatible(checkpoint, model, ckpt_path)
+        check_same_data(checkpoint, datamodule, ckpt_path)
+    return ckpt_path
+
+
+@contextmanager
+def manual_optimization_refusals(steps_per_execution: int) -> Iterator[None]:
+    """Lightning's refusals of a setting under manual optimization (grouped steps), as one `UserError` naming the
+    way out; and its warning that a log interval exceeds an epoch's training steps, which count groups there."""
+    try:
+        with warnings.catch_warnings():
+            if steps_per_execution > 1:  # grouped steps log each batch themselves
+                warnings.filterwarnings("ignore", message="The number of training batches .* logging interval")
+            yield
+    except MisconfigurationException as err:
+        if steps_per_execution == 1 or "manual optimization" not in str(err):
+            raise
+        raise UserError(f"{str(err).strip()} (steps_per_execution={steps_per_execution} trains with Lightning's "
+                        "manual optimization); set steps_per_execution=1") from err
 
 
 def _overrides() -> list[str]:
@@ -126,7 +312,9 @@ def run_config(cfg: DictConfig) -> DictConfig:
         cfg = copy.deepcopy(cfg)
         run_dir = Path(cfg.paths.output_root).expanduser().absolute() / "runs" / datetime.now().strftime(RUN_DIR_TIME)
         cfg.paths.output_dir = str(run_dir)
-    return with_launch_paths(cfg, *RUN_PATHS)
+    cfg = with_launch_paths(cfg, *RUN_PATHS)
+    Path(cfg.paths.output_root).mkdir(parents=True, exist_ok=True)  # as the app does first: a tracker's store is there
+    return cfg
 
 
 @contextmanager
@@ -144,100 +332,6 @@ def ending_wandb_run(loggers: Sequence[Logger]) -> Iterator[None]:
 
             if wandb.run is not None:
                 wandb.finish(exit_code=int(failed))
-
-
-def train(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict[str, Any]:
-    """Fit ``cfg.model`` on ``cfg.data``, test the chosen checkpoint once (unless ``cfg.test`` is false), write
-    ``results.json``; return it.
-
-    ``cfg`` is the composed ``train`` config; ``cfg.paths.output_dir`` is the run directory (without a Hydra app
-    running, a new one under ``cfg.paths.output_root``: `run_config`). ``callbacks`` are Lightning callbacks added
-    to the configured ones (a tuner's pruning callback, for example). Under ``trainer.fast_dev_run`` nothing is
-    written, as Lightning writes no checkpoint or log then.
-    """
-    start = time.perf_counter()
-    check_settings(cfg)
-    cfg = run_config(cfg)
-    Path(cfg.paths.output_root).mkdir(parents=True, exist_ok=True)  # as the app does first: a tracker's store is there
-    check_accelerator(cfg.trainer.accelerator)
-    if cfg.test_ckpt not in ("best", "last"):
-        raise UserError(f"test_ckpt must be best or last, got {cfg.test_ckpt!r}")
-    run_dir = Path(cfg.paths.output_dir)
-    if not is_seed(cfg.seed):
-        raise UserError(f"seed must be an integer in 0..{2**32 - 1}, got {cfg.seed!r}")
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule: L.LightningDataModule = instantiate(cfg.data)
-    if cfg.test_ckpt == "best" and cfg.get("test", True) and getattr(datamodule, "num_val", None) == 0:
-        raise UserError("data.val_split=0 validates on the test set, so test_ckpt=best would choose the epoch by its "
-                        "test accuracy and report that same accuracy; set test_ckpt=last (as the seed experiments do)")
-    steps = check_positive_int("steps_per_execution", cfg.get("steps_per_execution", 1))
-    model, fit_data = build_model(cfg.model, steps), GroupedDataModule(datamodule, steps) if steps > 1 else datamodule
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.output_root)
-    if ckpt_path:
-        checkpoint = read_checkpoint(ckpt_path)
-        check_compatible(checkpoint, model, ckpt_path)
-        check_same_data(checkpoint, datamodule, ckpt_path)
-    callbacks = [*(instantiate(c) for c in (cfg.get("callbacks") or {}).values()), *callbacks]
-    if steps == 1:  # grouped models add their own
-        callbacks.append(StepsRestored())
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
-    trainer = instantiate_trainer(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-
-    with ending_wandb_run(trainer.loggers):
-        try:
-            with warnings.catch_warnings():
-                if steps > 1:  # Lightning compares log_every_n_steps with groups; grouped steps log each batch
-                    warnings.filterwarnings("ignore", message="The number of training batches .* logging interval")
-                trainer.fit(model, datamodule=fit_data, ckpt_path=ckpt_path)
-        except MisconfigurationException as err:  # Lightning's refusals of manual optimization
-            if steps == 1 or "manual optimization" not in str(err):
-                raise
-            raise UserError(f"{str(err).strip()} (steps_per_execution={steps} trains with Lightning's manual "
-                            "optimization); set steps_per_execution=1 (speed=fused keeps the fused kernels)"
-                            ) from err
-        fit_metrics = {k.replace("/", "_"): float(v) for k, v in trainer.callback_metrics.items() if "/" in k}
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        test_ckpt = best if cfg.test_ckpt == "best" and best else None
-        tested = cfg.get("test", True)
-        if tested and cfg.test_ckpt == "best" and not best:
-            log.warning("test_ckpt=best, but no best checkpoint was saved (nothing validated?): testing the final "
-                        "weights")
-        if tested:
-            (test_metrics,) = trainer.test(model, datamodule=datamodule, ckpt_path=test_ckpt, verbose=False)
-
-    timer = next((c for c in trainer.callbacks if isinstance(c, EpochTimer)), None)
-    results = {
-        **fit_metrics,
-        **({"test_acc": test_metrics["test/acc"], "test_loss": test_metrics["test/loss"],
-            "tested": test_ckpt or "final weights"} if tested else {"tested": None}),
-        "epochs": trainer.current_epoch,
-        "steps": trainer.global_step,
-        "wall_time_s": round(time.perf_counter() - start, 2),
-        "epoch_time_s": [round(t, 3) for t in timer.times] if timer else [],
-        "params": sum(p.numel() for p in model.net.parameters()),
-        "model": cfg.model._target_,
-        "recipe": cfg.get("recipe", "custom"),
-        "seed": cfg.seed,
-        "overrides": _overrides(),
-        "resumed_from": ckpt_path,
-        "run_dir": str(run_dir),
-    }
-    if trainer.is_global_zero and trainer.fast_dev_run:
-        log.info("fast_dev_run: %d training step(s) ran; no results.json, report, checkpoint or log written",
-                 results["steps"])
-    elif trainer.is_global_zero:
-        if cfg.get("report") and tested:
-            from fashion_lightning.report import METRICS_CSV, write_report
-
-            write_report(model, datamodule, run_dir / "report", metrics_csv=run_dir / METRICS_CSV)
-        write_json(run_dir / "results.json", results)
-        if tested:
-            log.info("test accuracy %.4f (%s), %d steps in %.1f s; results: %s", results["test_acc"],
-                     results["tested"], results["steps"], results["wall_time_s"], run_dir / "results.json")
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        trainer.strategy.barrier("results written")  # no rank exits while rank 0 still writes
-        torch.distributed.destroy_process_group()
-    return results
 
 
 def route_lightning_logs() -> None:
@@ -258,7 +352,7 @@ def route_lightning_logs() -> None:
 def main(cfg: DictConfig) -> float | None:
     """The Hydra entry point; returns ``cfg.optimized_metric`` from the results for sweepers."""
     route_lightning_logs()
-    with reported_as_one_line():
+    with reported_as_one_line(), stopped_by_signals(lambda: resume_hint(Path(launch_path(cfg.paths.output_dir)))):
         return train(cfg).get(cfg.optimized_metric)
 
 

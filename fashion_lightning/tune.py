@@ -5,9 +5,9 @@ validation curve (`optuna_integration.PyTorchLightningPruningCallback`) and neve
 database (SQLite in the study directory by default, any SQLAlchemy URL), so a search stopped with Ctrl-C resumes
 where it stopped, the interrupted trial run again, and several processes can search one study: trial n draws from a
 sampler seeded with the config's ``seed`` and n (`TrialSeededTPE`), so the processes draw differently and the study
-is reproducible from its seed. At the end the
-study directory gets ``trials.csv``, ``summary.md`` and Optuna's plots, and the best trial is trained again with
-each of ``tune.seeds`` and tested once (``best/seed_<s>/``).
+is reproducible from its seed. A trial whose process was killed is failed and run again once (`fail_dead_trials`).
+At the end the study directory gets ``trials.csv``, ``summary.md`` and Optuna's plots, and the best trial is
+trained again with each of ``tune.seeds`` and tested once (``best/seed_<s>/``).
 
 Optuna is driven directly: the Hydra Optuna sweeper (1.3.0) pins ``optuna<3``.
 """
@@ -205,6 +205,15 @@ def open_study(cfg: DictConfig) -> optuna.Study:
                                sampler=TrialSeededTPE(cfg.seed), pruner=pruner)
 
 
+def fail_dead_trials(study: optuna.Study) -> None:
+    """Fail each running trial without a heartbeat for 3 x ``tune.heartbeat_s`` (its process was killed with
+    SIGKILL, or its machine went down); `open_study`'s callback enqueues its parameters to run again once, when the
+    study needs more trials. Optuna does this only before it starts a trial."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
 def requeue_interrupted(study: optuna.Study) -> None:
     """Enqueue again the parameters of each trial stopped by Ctrl-C that has not been run again yet."""
     trials = study.get_trials(deepcopy=False)
@@ -328,12 +337,14 @@ def tune(cfg: DictConfig) -> dict[str, Any]:
     if not study.get_trials(deepcopy=False):
         for params in cfg.tune.enqueue:  # a new study tries these first, e.g. the recipe's own values
             study.enqueue_trial(OmegaConf.to_container(params))
+    fail_dead_trials(study)  # also when no trial is left to run: none stays RUNNING for good
     requeue_interrupted(study)
     finished = sum(t.state in FINISHED for t in study.get_trials(deepcopy=False))
     if finished < cfg.tune.n_trials:
         log.info("study %s: %d of %d trials finished; searching", cfg.tune.study, finished, cfg.tune.n_trials)
         study.optimize(objective(cfg, study_dir), timeout=cfg.tune.timeout_s, gc_after_trial=True,
                        callbacks=[optuna.study.MaxTrialsCallback(cfg.tune.n_trials, states=FINISHED)])
+        fail_dead_trials(study)  # those of another process that died during this search's last trial
     if not any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
         write_summary(study, study_dir, [])
         raise UserError(f"study {cfg.tune.study} has no complete trial (all pruned or failed); see "

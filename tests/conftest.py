@@ -18,7 +18,7 @@ from PIL import Image
 
 from fashion_lightning import FashionMNISTDataModule
 from fashion_lightning.app import CONFIG_DIR, reported_as_one_line
-from fashion_lightning.files import ensure_raw_files
+from fashion_lightning.data.idx_files import ensure_raw_files
 
 N_TRAIN, N_TEST = 60_000, 10_000
 
@@ -93,7 +93,7 @@ def _no_hydra_job_left_behind() -> Iterator[None]:
 def _no_real_source(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Tests never read $FASHION_MNIST_DIR or the Debian folder unless they ask for it."""
     monkeypatch.delenv("FASHION_MNIST_DIR", raising=False)
-    monkeypatch.setattr("fashion_lightning.files.DEFAULT_SOURCE_DIR", str(tmp_path / "no-debian-data"))
+    monkeypatch.setattr("fashion_lightning.data.idx_files.DEFAULT_SOURCE_DIR", str(tmp_path / "no-debian-data"))
 
 
 def quick_overrides(data_dir: Path, output_dir: Path) -> list[str]:

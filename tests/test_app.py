@@ -1,5 +1,5 @@
 """What the apps share (`fashion_lightning.app`), and what the library leaves alone: importing it or fitting with it
-changes no process-wide state; the core imports nothing of the speed options."""
+changes no process-wide state; the core imports nothing of the grouped steps."""
 
 from __future__ import annotations
 
@@ -15,9 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from fashion_lightning import app, checkpoint_io
+from fashion_lightning import app
+from fashion_lightning.lit import checkpoints
 
-CORE = ("models", "module", "data", "callbacks")
+CORE = ("nets.tutorial", "nets.fused", "lit.classifier", "lit.models", "lit.callbacks", "lit.checkpoints",
+        "data.datamodule", "data.images")
 
 
 @pytest.mark.parametrize("disabled_before", [False, True])
@@ -30,8 +32,8 @@ threshold, env = gc.get_threshold(), dict(os.environ)
 import torch
 import fashion_lightning
 from fashion_lightning import CNN
-from fashion_lightning.fast.grouped import grouped
-model = grouped(CNN)(fast=True)
+from fashion_lightning.lit.grouped import grouped
+model = grouped(CNN)(fused=True)
 x = torch.rand(4, 1, 28, 28)
 model.net(x).sum().backward()
 print(gc.isenabled(), gc.get_freeze_count(), gc.get_threshold() == threshold, dict(os.environ) == env)
@@ -44,7 +46,8 @@ def package_imports(module: str) -> set[str]:
     """The fashion_lightning modules that ``module``'s source imports."""
     import fashion_lightning
 
-    path = Path(fashion_lightning.__file__).parent / f"{module.replace('.', '/')}.py"
+    path = Path(fashion_lightning.__file__).parent / module.replace(".", "/")
+    path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
@@ -54,16 +57,23 @@ def package_imports(module: str) -> set[str]:
 
 
 @pytest.mark.parametrize("module", CORE)
-def test_the_core_imports_nothing_of_the_speed_options(module: str) -> None:
+def test_the_core_imports_nothing_of_the_grouped_steps_or_the_apps(module: str) -> None:
     seen, todo = set(), [module]
     while todo:  # everything the module's imports reach inside the package
         current = todo.pop()
         if current not in seen:
             seen.add(current)
             todo += package_imports(current)
-    assert not {m for m in seen if m.startswith("fast") or m == "classifiers"}, seen
-    source = (Path(__file__).parents[1] / "fashion_lightning" / f"{module}.py").read_text()
-    assert "automatic_optimization" not in source and "fast" not in source
+    assert not seen & {"lit.grouped", "app", "train"}, seen
+    source = (Path(__file__).parents[1] / "fashion_lightning" / f"{module.replace('.', '/')}.py").read_text()
+    assert "automatic_optimization" not in source
+
+
+def test_the_default_run_imports_nothing_of_the_grouped_steps(tmp_path: Path) -> None:
+    code = ("import sys, fashion_lightning.train, fashion_lightning.report; "
+            "print('fashion_lightning.lit.grouped' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False"]
 
 
 CYCLE_AT_EXIT = """
@@ -86,7 +96,7 @@ def test_an_apps_exit_skips_the_final_collection(process: str) -> None:
     assert done.stdout.split() == ([] if process == "app" else ["finalized"])  # the cycle collected only without it
 
 
-APPS = ("train", "evaluate", "predict", "export", "compare", "tune", "serve")
+APPS = ("train", "evaluate", "predict", "export", "compare", "tune", "serve", "explain")
 EXTRAS = {"tune": "optuna", "serve": "litserve"}
 
 
@@ -127,7 +137,7 @@ def test_a_result_file_rewritten_on_a_full_disk_keeps_its_previous_version(writt
     def full(fd: int) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(checkpoint_io.os, "fsync", full)
+    monkeypatch.setattr(checkpoints.os, "fsync", full)
     with pytest.raises(OSError, match="No space left on device"):
         _write(target, "the new version")
     assert target.read_bytes() == b"the previous version" and [p.name for p in tmp_path.iterdir()] == [written]

@@ -27,7 +27,7 @@ class EvalCounter(L.Callback):
 
 
 class TrainLabels(L.Callback):
-    """The labels of each epoch's training batches (a per-batch callback: speed=reference or fused)."""
+    """The labels of each epoch's training batches (a per-batch callback)."""
 
     def __init__(self) -> None:
         self.epochs: list[list[int]] = []
@@ -48,7 +48,7 @@ def debug_run(option: str, data_dir: Path, out: Path, *overrides: str,
 
 def test_fdr_runs_one_batch_each_and_writes_nothing(data_dir: Path, tmp_path: Path) -> None:
     evals, labels = EvalCounter(), TrainLabels()
-    results = debug_run("fdr", data_dir, tmp_path / "run", "speed=reference", callbacks=(evals, labels))
+    results = debug_run("fdr", data_dir, tmp_path / "run", "model.fused=false", callbacks=(evals, labels))
     assert results["steps"] == 1 and evals.counts == {"val": 1, "test": 1} and len(labels.epochs[0]) == 32
     assert results["tested"] == "final weights" and 0 <= results["test_acc"] <= 1
     assert not (tmp_path / "run").exists()  # no checkpoint, log, report or results.json, as Lightning's fast_dev_run
@@ -56,7 +56,7 @@ def test_fdr_runs_one_batch_each_and_writes_nothing(data_dir: Path, tmp_path: Pa
 
 def test_overfit_trains_and_validates_on_the_same_few_batches(data_dir: Path, tmp_path: Path) -> None:
     evals, labels = EvalCounter(), TrainLabels()
-    results = debug_run("overfit", data_dir, tmp_path / "run", "model=dense", "speed=reference",
+    results = debug_run("overfit", data_dir, tmp_path / "run", "model=dense", "model.fused=false",
                         "trainer.max_epochs=8", "+trainer.limit_test_batches=1", callbacks=(evals, labels))
     assert results["steps"] == 8 * 3 and evals.counts["val"] == 8 * 3 and results["recipe"] == "debug"
     assert len(labels.epochs[0]) == 3 * 32 and all(epoch == labels.epochs[0] for epoch in labels.epochs)
@@ -71,13 +71,13 @@ def test_profiler_writes_its_report_into_the_run_directory(data_dir: Path, tmp_p
     assert results["epochs"] == 1 and results["steps"] == 5
     fit = (tmp_path / "run" / "fit-profile.txt").read_text()
     assert "FIT Profiler Report" in fit and "run_training_epoch" in fit
-    (optimizer_steps,) = [line.split("|")[3].strip() for line in fit.splitlines() if "|  optimizer_step " in line]
+    (optimizer_steps,) = [line.split("|")[3].strip() for line in fit.splitlines() if "CNN.optimizer_step " in line]
     assert optimizer_steps == "5"  # one row per action: its mean and total time, and how often it ran
     assert "TEST Profiler Report" in (tmp_path / "run" / "test-profile.txt").read_text()
 
 
 def test_limit_shortens_every_stage(data_dir: Path, tmp_path: Path) -> None:
     evals = EvalCounter()
-    results = debug_run("limit", data_dir, tmp_path / "run", "model=dense", callbacks=(evals,))  # speed=fast
+    results = debug_run("limit", data_dir, tmp_path / "run", "model=dense", callbacks=(evals,))
     assert (results["epochs"], results["steps"], results["recipe"]) == (3, 3 * 20, "debug")
     assert evals.counts == {"val": 3 * 2, "test": 2} and (tmp_path / "run" / "results.json").is_file()

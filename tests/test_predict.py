@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 from PIL import Image
+from test_data_images import huge_png
 
 from conftest import one_line_error, save_variants, synthetic_split
 from fashion_lightning import UserError
@@ -58,13 +59,17 @@ def test_bad_inputs_reported_each_and_the_rest_predicted(trained_run: Path, tmp_
     (tmp_path / "notes.png").write_text("not an image")
     good = (tmp_path / "good.png").read_bytes()
     (tmp_path / "cut.png").write_bytes(good[: len(good) // 2])
-    done = run_predict(f"ckpt_path={trained_run / 'checkpoints' / 'best.ckpt'}",
-                       "inputs=[missing.png,notes.png,cut.png,good.png]", "format=json", cwd=tmp_path)
-    assert done.returncode == 1
+    (tmp_path / "bomb.png").write_bytes(huge_png())  # 20000x20000: past Pillow's decompression-bomb limit
+    (tmp_path / "wide.png").write_bytes(huge_png(10_000, 10_000))  # past Pillow's warning, short of its error
+    inputs = "inputs=[missing.png,notes.png,cut.png,bomb.png,wide.png,good.png]"
+    done = run_predict(f"ckpt_path={trained_run / 'checkpoints' / 'best.ckpt'}", inputs, "format=json", cwd=tmp_path)
+    assert done.returncode == 1 and "Warning" not in done.stderr, done.stderr  # each input's error is in its row
     results = {r["input"]: r for r in json.loads(done.stdout)}
     assert results["missing.png"]["error"] == "no such file"
     assert results["notes.png"]["error"].startswith("not an image")
     assert results["cut.png"]["error"].startswith("corrupt image")
+    assert results["bomb.png"]["error"].startswith("image too large (over ")
+    assert results["wide.png"]["error"] == "image too large (10000x10000 pixels; at most 4096 a side)"
     assert "prediction" in results["good.png"]
 
 

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_files import add_noise
+from test_data_idx_files import add_noise
 
 from conftest import compose_train
-from fashion_lightning import FashionMNISTDataModule, UserError, files
-from fashion_lightning.files import ensure_raw_files
+from fashion_lightning import FashionMNISTDataModule, UserError
+from fashion_lightning.data import idx_files as files
+from fashion_lightning.data.idx_files import ensure_raw_files
 from fashion_lightning.train import train
 
 REAL = Path("/usr/share/datasets/fashion-mnist")
@@ -31,7 +32,7 @@ def real_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_real_files_decode_to_the_known_facts(real_data_dir: Path) -> None:
     dm = FashionMNISTDataModule(data_dir=str(real_data_dir), val_split=0, download=False)
     dm.setup()
-    images, labels = dm.train_set
+    images, labels = dm.train_set.images, dm.train_set.labels
     assert images.shape == (60_000, 28, 28) and labels[:3].tolist() == [9, 0, 0] and labels[-3:].tolist() == [3, 0, 5]
     assert torch.bincount(labels).tolist() == [6000] * 10
     scaled = images.float() / 255

@@ -15,9 +15,10 @@ import pytest
 import torch
 
 from conftest import compose_train, one_line_error, quick_overrides
-from fashion_lightning import app, checkpoint_io
-from fashion_lightning.app import reported_as_one_line
-from fashion_lightning.train import train
+from fashion_lightning import app
+from fashion_lightning.app import reported_as_one_line, stopped_by_signals
+from fashion_lightning.lit import checkpoints
+from fashion_lightning.train import resume_hint, train
 
 
 class SignalAt(L.Callback):
@@ -74,9 +75,9 @@ def test_interrupted_then_resumed_run_equals_the_uninterrupted_one(signum: int, 
     stopped = tmp_path / "stopped"
     callback = [f"+callbacks.signal._target_={__name__}.SignalAt", "+callbacks.signal.step=33",
                 f"+callbacks.signal.signum={int(signum)}"]
-    with pytest.raises(SystemExit) as info:  # Lightning ends an interrupted fit with exit code 1
+    with pytest.raises(SystemExit) as info:  # as a shell reports a process the signal ended
         train(compose_train(*run_overrides(data_dir, stopped), *callback))
-    assert info.value.code == 1
+    assert info.value.code == 128 + signum
     assert (stopped / "checkpoints" / "interrupted.ckpt").is_file()
     assert not (stopped / "results.json").exists()  # the run says it is incomplete
     interrupted = torch.load(stopped / "checkpoints" / "interrupted.ckpt", map_location="cpu", weights_only=False)
@@ -163,18 +164,18 @@ class CrashInside(L.Callback):
             raise RuntimeError("crash inside a step")
 
 
-@pytest.mark.parametrize("speed", ["fast", "reference"])
-def test_a_run_resumed_after_a_crash_inside_a_step_equals_the_uninterrupted_one(speed: str, data_dir: Path,
+@pytest.mark.parametrize("steps", [3, 1])
+def test_a_run_resumed_after_a_crash_inside_a_step_equals_the_uninterrupted_one(steps: int, data_dir: Path,
                                                                                  tmp_path: Path) -> None:
     """The step the crash struck runs again on resume, over the batches it had not applied: nothing skipped, nothing
     applied twice, every epoch validated."""
-    crash = [f"+callbacks.crash._target_={__name__}.CrashInside", f"speed={speed}"]
+    crash = [f"+callbacks.crash._target_={__name__}.CrashInside", f"steps_per_execution={steps}"]
     reference = train(compose_train(*run_overrides(data_dir, tmp_path / "reference"), *crash,
                                     "+callbacks.crash.step=-1"))
     with pytest.raises(RuntimeError, match="crash inside a step"):
         train(compose_train(*run_overrides(data_dir, tmp_path / "crashed"), *crash, "+callbacks.crash.step=31"))
     ckpt = tmp_path / "crashed" / "checkpoints" / "interrupted.ckpt"
-    assert torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"] == 31  # 30 + 1 of the list of 3
+    assert torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"] == 31  # grouped: 30 + 1 of 3
     resumed = train(compose_train(*run_overrides(data_dir, tmp_path / "resumed"), *crash, "+callbacks.crash.step=-1",
                                   f"ckpt_path={ckpt}"))
     keys = ("test_acc", "test_loss", "val_acc", "val_loss", "steps", "epochs")
@@ -203,7 +204,7 @@ def test_environment_variable_pointing_nowhere_via_the_cli(tmp_path: Path) -> No
 def test_a_full_disk_is_one_clear_error_and_no_result(data_dir: Path, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     """The disk fills while results.json is flushed: one line, and no results.json, whole or half."""
-    real_write, real_fsync = app.write_atomically, checkpoint_io.os.fsync
+    real_write, real_fsync = app.write_atomically, checkpoints.os.fsync
     writing: list[str] = []
 
     def full_disk_at_flush(fd: int) -> None:
@@ -216,7 +217,7 @@ def test_a_full_disk_is_one_clear_error_and_no_result(data_dir: Path, tmp_path: 
         real_write(path, data)
 
     monkeypatch.setattr(app, "write_atomically", recorded)
-    monkeypatch.setattr(checkpoint_io.os, "fsync", full_disk_at_flush)
+    monkeypatch.setattr(checkpoints.os, "fsync", full_disk_at_flush)
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as info, reported_as_one_line():
         train(compose_train(*quick_overrides(data_dir, out)))
@@ -224,3 +225,63 @@ def test_a_full_disk_is_one_clear_error_and_no_result(data_dir: Path, tmp_path: 
     assert "No space left on device (a full or read-only disk, or no permission?)" in capsys.readouterr().err
     assert writing[-1] == "results.json" and not (out / "results.json").exists()
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+class SignalIn(L.Callback):
+    """Sends this process a signal when ``phase`` starts: the sanity check, a training step, the final test."""
+
+    def __init__(self, phase: str, signum: int = int(signal.SIGTERM)) -> None:
+        self.phase, self.signum = phase, signum
+
+    def _send(self, phase: str) -> None:
+        if phase == self.phase:
+            os.kill(os.getpid(), self.signum)
+
+    def on_sanity_check_start(self, *args: Any) -> None:
+        self._send("sanity_check")
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.global_step == 5:
+            self._send("training")
+
+    def on_test_start(self, *args: Any) -> None:
+        self._send("test")
+
+
+@pytest.mark.parametrize(("phase", "said"), [
+    ("sanity_check", "no checkpoint was saved in "),
+    ("training", "interrupted.ckpt saved in "),
+    ("test", "last.ckpt saved in "),
+])
+def test_a_signal_in_any_phase_exits_128_plus_it_with_one_line_on_what_was_saved(
+        phase: str, said: str, data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    cfg = compose_train(*quick_overrides(data_dir, out), "+trainer.num_sanity_val_steps=1",
+                        f"+callbacks.signal._target_={__name__}.SignalIn", f"+callbacks.signal.phase={phase}")
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as info, stopped_by_signals(lambda: resume_hint(out)):
+        train(cfg)
+    assert info.value.code == 128 + signal.SIGTERM
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"stopped by SIGTERM: {said}{out}"), last
+    assert ("resume with: python -m fashion_lightning.train ckpt_path=" in last) == (phase != "sanity_check")
+    assert not (out / "results.json").exists()
+    assert signal.getsignal(signal.SIGTERM) is before  # the app's handler is gone with the app
+
+
+def test_a_second_run_into_the_same_run_directory_is_refused_in_one_line(data_dir: Path, tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from filelock import FileLock; "
+                               f"lock = FileLock({str(out / '.run.lock')!r}); lock.acquire(); print('held', "
+                               "flush=True); sys.stdin.read()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"  # the first run holds its folder
+        err = one_line_error(lambda: train(compose_train(*quick_overrides(data_dir, out))), capsys)
+        assert f"another run is writing into {out} now" in err
+        assert not (out / "checkpoints").exists() and not (out / "results.json").exists()
+    finally:
+        holder.communicate("")
+    assert train(compose_train(*quick_overrides(data_dir, out)))["steps"] == 20  # free again once it ended

@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from fashion_lightning import FashionMNISTDataModule, report
-from fashion_lightning.checkpoint import load_model
-from fashion_lightning.hydra_callbacks import write_summary
+from fashion_lightning.app import write_summary
+from fashion_lightning.lit.checkpoints import load_model
 
 
 def check_png(path: Path, min_size: tuple[int, int]) -> None:

@@ -26,12 +26,13 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from PIL import Image
+from test_data_images import huge_png
 
 from conftest import synthetic_split
-from fashion_lightning.app import CONFIG_DIR
-from fashion_lightning.checkpoint import trained_model
-from fashion_lightning.data import CLASS_NAMES
-from fashion_lightning.images import open_image, probabilities
+from fashion_lightning.app import CONFIG_DIR, probabilities
+from fashion_lightning.data.datamodule import CLASS_NAMES
+from fashion_lightning.data.images import open_image
+from fashion_lightning.lit.checkpoints import trained_model
 from fashion_lightning.predict import predict
 
 requests = pytest.importorskip("requests", reason="the serve tests need requests (pip install -e '.[test]')")
@@ -132,6 +133,9 @@ def bad_requests(good: bytes) -> list[tuple[str, dict, int, str]]:
         ("truncated PNG", {"files": {"file": ("cut.png", good[: len(good) // 2])}}, 400, "cut.png: corrupt image"),
         ("empty file", {"files": {"file": ("empty.png", b"")}}, 415, "not an image"),
         ("huge image", {"files": {"file": ("wide.png", big_png(5000, 8))}}, 413, "image too large (5000x8"),
+        ("decompression bomb", {"files": {"file": ("bomb.png", huge_png())}}, 413, "bomb.png: image too large"),
+        ("a side too long", {"files": {"file": ("tall.png", huge_png(4000, 20_000))}}, 413,
+         "tall.png: image too large (4000x20000 pixels"),
         ("over the size limit", {"files": {"file": ("big.png", good + b"\0" * (7 * 2**19))}}, 413, "over 3 MB"),
         ("too many pixels", {"files": [("file", (f"{i}.png", big_png(4096, 4096))) for i in range(4)]}, 413,
          "67.1 megapixels in one request; at most 64"),

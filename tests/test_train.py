@@ -17,8 +17,8 @@ from hydra.utils import instantiate
 
 from conftest import compose_train, one_line_error, quick_overrides
 from fashion_lightning import CNN, BatchAugment, DenseBaseline, FashionMNISTDataModule
-from fashion_lightning.checkpoint import load_model
 from fashion_lightning.errors import UserError
+from fashion_lightning.lit.checkpoints import load_model
 from fashion_lightning.train import check_accelerator, train
 
 TRAINERS = ["default", "cpu", "gpu", "ddp", "ddp_cpu"]
@@ -87,21 +87,24 @@ def test_train_returns_metrics_and_writes_a_reloadable_run(model: str, data_dir:
     assert any(row["val/acc"] for row in rows) and any(row["train/acc"] for row in rows)
 
 
-SPEEDS = {"fast": (True, 64), "fused": (True, 1), "reference": (False, 1)}
+OPTIONS = {"default": ((), True, 1), "plain network": (("model.fused=false",), False, 1),
+           "grouped steps": (("steps_per_execution=4",), True, 4)}
 
 
-@pytest.mark.parametrize("speed", sorted(SPEEDS))
+@pytest.mark.parametrize("option", sorted(OPTIONS))
 @pytest.mark.parametrize("model", ["cnn", "dense"])
-def test_the_speed_group_picks_the_network_and_the_steps_per_execution(speed: str, model: str, data_dir: Path,
-                                                                       tmp_path: Path) -> None:
-    cfg = compose_train(f"speed={speed}", f"model={model}", *quick_overrides(data_dir, tmp_path / "run"))
-    fused, steps = SPEEDS[speed]
-    assert cfg.steps_per_execution == steps and cfg.model.fast == fused
-    assert compose_train().steps_per_execution == 64  # the app's default: speed=fast
+def test_the_default_is_the_textbook_module_and_each_speed_option_says_what_it_changes(
+        option: str, model: str, data_dir: Path, tmp_path: Path) -> None:
+    overrides, fused, steps = OPTIONS[option]
+    cfg = compose_train(*overrides, f"model={model}", *quick_overrides(data_dir, tmp_path / "run"))
+    assert cfg.steps_per_execution == steps and cfg.model.fused == fused
+    default = compose_train()
+    assert default.steps_per_execution == 1 and default.model._target_ == "fashion_lightning.CNN"
     results = train(cfg)
     assert results["steps"] == 20 and results["val_acc_best"] > 0.3
-    reloaded = load_model(tmp_path / "run" / "checkpoints" / "best.ckpt")  # the plain class, whatever the speed
+    reloaded = load_model(tmp_path / "run" / "checkpoints" / "best.ckpt")  # the plain class, whatever the option
     assert type(reloaded) is (CNN if model == "cnn" else DenseBaseline)
+    assert reloaded.automatic_optimization and reloaded.hparams.fused == fused
 
 
 def test_a_run_logs_to_train_log_without_lightnings_tips(data_dir: Path, tmp_path: Path) -> None:
@@ -180,8 +183,9 @@ def test_sweep_preset_selects_the_kernel_sizes() -> None:
     (["no_such_key=1"], "Could not override 'no_such_key'"),
     (["model.kernel_size=three"], "error: model.kernel_size must be a positive integer, got 'three'"),
     (["paths.output_root=blocker/outs"], "error: paths.output_root='blocker/outs' is not writable"),
-    (["+trainer.gradient_clip_val=1.0"], "(steps_per_execution=64 trains with Lightning's manual optimization); set "
-                                         "steps_per_execution=1"),
+    (["paths.output_root="], "error: paths.output_root must be a folder path, got ''"),
+    (["steps_per_execution=64", "+trainer.gradient_clip_val=1.0"],
+     "(steps_per_execution=64 trains with Lightning's manual optimization); set steps_per_execution=1"),
 ])
 def test_cli_bad_input_is_one_clear_error(args: list[str], message: str, data_dir: Path, tmp_path: Path) -> None:
     (tmp_path / "blocker").write_text("a file where a folder should be")
@@ -234,7 +238,7 @@ def test_bad_settings_are_one_clear_error(args: list[str], message: str, tmp_pat
 def test_help_lists_groups_and_options(tmp_path: Path) -> None:
     done = run_cli("--help", cwd=tmp_path)
     assert done.returncode == 0
-    for line in ("model: cnn, dense", "speed: fast, fused, reference", "trainer: cpu, ddp, ddp_cpu, default, gpu",
+    for line in ("model: cnn, dense", "trainer: cpu, ddp, ddp_cpu, default, gpu",
                  "experiment: best_cnn, best_dense, fast_cnn, seed_cnn, seed_dense", "callbacks: default, ema",
                  "sweep: kernel_size", "logger: csv, mlflow, tensorboard, wandb",
                  "debug: fdr, limit, overfit, profiler"):
@@ -260,3 +264,27 @@ def test_a_sweep_records_a_diverging_job_as_its_error(data_dir: Path, tmp_path: 
     failed, fine = rows["model.lr=1e+20"], rows["model.lr=0.001"]
     assert failed["status"] == "failed" and failed["error"].startswith("the training loss became nan at epoch 0")
     assert fine["status"] == "ok" and float(fine["test_acc"]) > 0.5
+
+
+def test_an_empty_output_root_is_refused_before_hydra_makes_a_folder(tmp_path: Path) -> None:
+    root_runs = Path("/runs")
+    existed = root_runs.exists()
+    done = run_cli("paths.output_root=", cwd=tmp_path)
+    assert done.returncode == 1 and done.stderr.strip().splitlines()[-1] == (
+        "error: paths.output_root must be a folder path, got ''")
+    assert root_runs.exists() == existed and not (tmp_path / "runs").exists()
+
+
+def test_an_error_once_training_began_starts_a_line_of_its_own(data_dir: Path, tmp_path: Path) -> None:
+    """A refusal raised after the progress bar opened, as a resume under other steps_per_execution is."""
+    first = tmp_path / "first"
+    train(compose_train(*quick_overrides(data_dir, first), "trainer.max_epochs=1"))
+    args = [f"paths.data_dir={data_dir}", "paths.output_root=outs", "data.download=false",
+            "+trainer.limit_train_batches=20", "+trainer.limit_val_batches=2", "steps_per_execution=4",
+            "trainer.max_epochs=2", f"ckpt_path={first / 'checkpoints' / 'last.ckpt'}",
+            "callbacks.progress_bar.refresh_rate=1"]
+    done = subprocess.run([sys.executable, "-m", "fashion_lightning.train", *args], cwd=tmp_path, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)  # as a terminal shows both
+    assert done.returncode == 1 and "Training" in done.stdout  # the bar was open
+    error = next(line for line in done.stdout.split("\n") if "error: " in line)
+    assert error.rsplit("\r", 1)[-1].startswith("error: the checkpoint was written after 20 optimizer steps"), error

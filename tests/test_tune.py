@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -137,3 +138,52 @@ def test_two_searchers_of_one_study_draw_different_trials_reproducibly(tmp_path:
     assert two[0] != two[1]
     assert first_trials(tmp_path / "again", 2) == two  # reproducible from the seed
     assert first_trials(tmp_path / "one", 1) == two  # whichever process draws trial n
+
+
+def running_trial(study_dir: Path, heartbeat_age_s: int, lr: float | None = None) -> int:
+    """The number of a trial that a search process runs (the next waiting one, else a new one with ``lr``) or,
+    with an old heartbeat, left RUNNING when it was killed with SIGKILL. (Optuna records a heartbeat as now: the
+    test ages its row in the database.)"""
+    storage = optuna.storages.RDBStorage(f"sqlite:///{study_dir}/study.db", heartbeat_interval=60)
+    study = optuna.create_study(study_name="search", storage=storage, direction="maximize", load_if_exists=True)
+    if lr is not None:
+        study.enqueue_trial({"model.lr": lr})
+    trial = study.ask({"model.lr": optuna.distributions.FloatDistribution(1e-6, 1e-2, log=True)})
+    trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name("search"), trial.number)
+    storage.record_heartbeat(trial_id)
+    with sqlite3.connect(study_dir / "study.db") as db:
+        db.execute("UPDATE trial_heartbeats SET heartbeat = datetime(heartbeat, ?) WHERE trial_id = ?",
+                   (f"-{heartbeat_age_s} seconds", trial_id))
+    storage.engine.dispose()
+    return trial.number
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # the trials made here, asked outside optimize
+def test_a_trial_of_a_killed_process_is_failed_and_run_again(data_dir: Path, tmp_path: Path) -> None:
+    """A trial without a heartbeat for 3 x tune.heartbeat_s is failed and its parameters run again, also when the
+    study already has its n_trials finished trials (the retry then waits for a search that needs it)."""
+    study_dir = tmp_path / "study"
+    study_dir.mkdir()
+    overrides = [o for o in quick_overrides(data_dir, tmp_path / "unused") if "limit_train" not in o]
+    cfg = compose_tune(*overrides, "model=dense", "+trainer.limit_train_batches=4", f"tune.study_dir={study_dir}",
+                       "tune.n_trials=2", "tune.seeds=[]", "tune.pruner.enabled=false", "~tune.space.model",
+                       "~tune.space.data", "+tune.space.model.lr={low:1.0e-6,high:1.0e-2,log:true}")
+    retried = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number
+
+    def trials() -> list[optuna.trial.FrozenTrial]:
+        return optuna.load_study(study_name="search", storage=cfg.tune.storage).trials
+
+    dead = running_trial(study_dir, heartbeat_age_s=3600, lr=0.003)  # tune.heartbeat_s=60: stale after 180 s
+    tune.tune(cfg)
+    assert [t.state.name for t in trials()] == ["FAIL", "COMPLETE", "COMPLETE"]
+    assert retried(trials()[1]) == dead and trials()[1].params == {"model.lr": 0.003}
+
+    dead = running_trial(study_dir, heartbeat_age_s=3600, lr=0.001)  # n_trials finished: tune searches no more
+    tune.tune(cfg)
+    assert [t.state.name for t in trials()] == ["FAIL", "COMPLETE", "COMPLETE", "FAIL", "WAITING"]
+    assert retried(trials()[4]) == dead and trials()[4].params == {"model.lr": 0.001}
+
+    alive = running_trial(study_dir, heartbeat_age_s=100)  # another process runs the retry: left running
+    tune.tune(cfg)
+    assert [t.state.name for t in trials()] == ["FAIL", "COMPLETE", "COMPLETE", "FAIL", "RUNNING"] and alive == 4
