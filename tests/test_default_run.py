@@ -21,10 +21,12 @@ from fashion_lightning.train import train
 BATCHES, EPOCHS = 130, 2
 
 
-def default_run(data_dir: Path, out: Path, *extra: str, callbacks: tuple = ()) -> dict[str, Any]:
-    """The app's defaults on the synthetic data: 130 training batches an epoch, 2 epochs, the CSV logger."""
+def default_run(data_dir: Path, out: Path, *extra: str, callbacks: tuple = (),
+                limit: int | float = BATCHES) -> dict[str, Any]:
+    """The app's defaults on the synthetic data: ``limit`` training batches an epoch (130), 2 epochs, the CSV
+    logger."""
     base = [o for o in quick_overrides(data_dir, out) if "limit_train_batches" not in o and "max_epochs" not in o]
-    return train(compose_train(*base, f"+trainer.limit_train_batches={BATCHES}", f"trainer.max_epochs={EPOCHS}",
+    return train(compose_train(*base, f"+trainer.limit_train_batches={limit}", f"trainer.max_epochs={EPOCHS}",
                                *extra), callbacks=callbacks)
 
 
@@ -90,32 +92,27 @@ def test_a_checkpoint_of_the_app_resumes_in_a_plain_trainer_to_the_right_step(da
     assert trainer.global_step == BATCHES * EPOCHS
 
 
-WORKING: dict[str, tuple[tuple[str, ...], int]] = {  # settings the grouped default refused; the steps they train
-    "gradient clipping": (("+trainer.gradient_clip_val=0.5",), BATCHES * EPOCHS),
-    "accumulation": (("+trainer.accumulate_grad_batches=2",), BATCHES * EPOCHS // 2),
-    "validation twice an epoch": (("+trainer.val_check_interval=0.5",), BATCHES * EPOCHS),
+WORKING: dict[str, tuple[tuple[str, ...], int, int | float]] = {  # settings the grouped default refused;
+    # the steps they train, with that many training batches an epoch
+    "gradient clipping": (("+trainer.gradient_clip_val=0.5",), BATCHES * EPOCHS, BATCHES),
+    "accumulation": (("+trainer.accumulate_grad_batches=2",), BATCHES * EPOCHS // 2, BATCHES),
+    "validation twice an epoch": (("+trainer.val_check_interval=0.5",), BATCHES * EPOCHS, BATCHES),
     "LearningRateMonitor": (("+callbacks.lr._target_=lightning.pytorch.callbacks.LearningRateMonitor",),
-                            BATCHES * EPOCHS),
+                            BATCHES * EPOCHS, BATCHES),
     "checkpoints every 50 steps": (("+callbacks.every._target_=lightning.pytorch.callbacks.ModelCheckpoint",
                                     "+callbacks.every.every_n_train_steps=50", "+callbacks.every.save_top_k=-1",
                                     "+callbacks.every.dirpath=${paths.output_dir}/steps"),
-                                   BATCHES * EPOCHS),
-    "max_steps inside what was a group": (("+trainer.max_steps=70",), 70),
-    "a fraction of the training batches": (("~trainer.limit_train_batches", "+trainer.limit_train_batches=0.05"),
-                                           85 * EPOCHS),  # 5 % of 1719 batches
-    "EMA": (("callbacks=ema",), BATCHES * EPOCHS),
+                                   BATCHES * EPOCHS, BATCHES),
+    "max_steps inside what was a group": (("+trainer.max_steps=70",), 70, BATCHES),
+    "a fraction of the training batches": ((), 85 * EPOCHS, 0.05),  # 5 % of 1719 batches
+    "EMA": (("callbacks=ema",), BATCHES * EPOCHS, BATCHES),
 }
 
 
 @pytest.mark.parametrize("case", sorted(WORKING))
 def test_what_the_grouped_default_refused_now_works(case: str, data_dir: Path, tmp_path: Path) -> None:
-    extra, steps = WORKING[case]
-    if extra[0].startswith("~trainer.limit_train_batches"):  # replaces the helper's own limit
-        base = [o for o in quick_overrides(data_dir, tmp_path / "run")
-                if "limit_train_batches" not in o and "max_epochs" not in o]
-        results = train(compose_train(*base, f"trainer.max_epochs={EPOCHS}", *extra[1:]))
-    else:
-        results = default_run(data_dir, tmp_path / "run", *extra)
+    extra, steps, limit = WORKING[case]
+    results = default_run(data_dir, tmp_path / "run", *extra, limit=limit)
     assert results["steps"] == steps and results["test_acc"] > 0.3
     if case == "checkpoints every 50 steps":
         saved = sorted(int(p.stem.rpartition("=")[2]) for p in (tmp_path / "run" / "steps").glob("*.ckpt"))

@@ -171,6 +171,7 @@ class ImageClassifier(L.LightningModule):
         # update_metrics gives them one value per sample, as "disable" drops weights (torchmetrics issue #3434)
         self.train_loss, self.val_loss, self.test_loss = (MeanMetric(nan_strategy="disable") for _ in range(3))
         self.val_acc_best = MaxMetric()
+        self._resumed_step: int | None = None  # the optimizer steps of a checkpoint a fit resumes
         for metric in (self.train_acc, self.train_loss, self.val_acc_best):
             metric.persistent(True)  # a mid-epoch checkpoint resumes the running means and the best so far
 
@@ -360,7 +361,7 @@ class ImageClassifier(L.LightningModule):
         """Refuse a resume whose optimizer steps Lightning did not restore. Lightning counts automatic and manual
         optimization apart: a checkpoint of grouped steps (``steps_per_execution`` > 1, manual optimization) resumed
         one batch a step would start again from step 0 and stop late or never, without a word."""
-        saved, self._resumed_step = getattr(self, "_resumed_step", None), None
+        saved, self._resumed_step = self._resumed_step, None
         if saved is not None and saved != self.trainer.global_step:
             raise UserError(f"the checkpoint was written after {saved} optimizer steps, but this fit resumed at step "
                             f"{self.trainer.global_step}: it was trained with another steps_per_execution (grouped "

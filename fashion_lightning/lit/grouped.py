@@ -254,7 +254,7 @@ class GroupedSteps:
 
     def on_train_epoch_end(self: Any) -> None:
         super().on_train_epoch_end()
-        self._log_step()
+        self._log_step(self.global_step - 1)
         for config in self.trainer.lr_scheduler_configs:
             if config.interval == "epoch" and (self.current_epoch + 1) % config.frequency == 0:
                 self.lr_scheduler_step(config.scheduler, None)
@@ -262,17 +262,17 @@ class GroupedSteps:
     def on_validation_epoch_end(self: Any) -> None:
         super().on_validation_epoch_end()
         if not self.trainer.sanity_checking and self.trainer.state.fn == "fit":
-            self._log_step()
+            self._log_step(self.global_step - 1)
 
     def on_test_epoch_end(self: Any) -> None:
         super().on_test_epoch_end()
         if self.global_step:  # after a fit: the test row at the textbook path's step, not at the count of groups
-            self.log_dict({"step": self.global_step, "epoch": self.current_epoch})
+            self._log_step(self.global_step)
 
-    def _log_step(self: Any) -> None:
-        """Have this hook's metrics logged at the textbook path's step, with its epoch (Lightning's loggers take a
-        logged ``step`` as their x-axis, and then add no ``epoch`` of their own)."""
-        self.log_dict({"step": self.global_step - 1, "epoch": self.current_epoch})
+    def _log_step(self: Any, step: int) -> None:
+        """Have this hook's metrics logged at ``step``, the textbook path's, with its epoch (Lightning's loggers take
+        a logged ``step`` as their x-axis, and then add no ``epoch`` of their own)."""
+        self.log_dict({"step": step, "epoch": self.current_epoch})
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
