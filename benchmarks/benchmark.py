@@ -164,6 +164,16 @@ def table(runs: dict[tuple[str, str], list[dict]], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def cpu_name() -> str:
+    """The CPU's model name and the kernel set torch picks on it (they differ between machines of one kind)."""
+    import torch
+
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in (cpuinfo.read_text().splitlines() if cpuinfo.is_file() else [])
+             if line.startswith("model name")]
+    return f"{names[0] if names else platform.processor() or 'CPU'}, {torch.backends.cpu.get_cpu_capability()}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipes", default=",".join(RECIPES), help=f"comma-separated, of {', '.join(RECIPES)}")
@@ -196,7 +206,7 @@ def main() -> None:
         paths.remove("keras")
     import torch
 
-    device = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "CPU"
+    device = torch.cuda.get_device_name() if args.device == "cuda" else cpu_name()
     title = (f"Device: {args.device} ({device}), torch {torch.__version__}, {os.cpu_count()} CPUs, seeds {args.seeds}, "
              f"{time.strftime('%Y-%m-%d')}; `python benchmarks/benchmark.py {' '.join(sys.argv[1:])}`".rstrip())
     out = Path(args.out)

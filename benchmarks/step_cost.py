@@ -76,16 +76,22 @@ def metric_free(module: CNN) -> CNN:
     return module
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def step_args(doc: str, rounds: int) -> argparse.Namespace:
+    """The command line of this script and of ``step_parts.py``; the process set up as the apps set theirs."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--recipe", default="seed_cnn")
     parser.add_argument("--network", choices=("fused", "plain"), default="fused")
     parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=rounds)
     args = parser.parse_args()
-    set_up_process()  # as the apps do
+    set_up_process()
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # Lightning's notices, once a fit
+    return args
+
+
+def main() -> None:
+    args = step_args(__doc__, rounds=5)
 
     with tempfile.TemporaryDirectory() as out, initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("train", overrides=[f"experiment={args.recipe}", f"model.fused={args.network == 'fused'}",

@@ -39,6 +39,7 @@ from fashion_lightning.errors import UserError, check_positive_int, is_seed
 from fashion_lightning.lit.callbacks import EpochTimer
 from fashion_lightning.lit.checkpoints import check_compatible, check_same_data, read_checkpoint
 from fashion_lightning.lit.classifier import ImageClassifier
+from fashion_lightning.lit.profilers import NoProfiler
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +169,10 @@ def check_settings(cfg: DictConfig) -> None:
 
 
 def instantiate_trainer(trainer_cfg: DictConfig, **kwargs: Any) -> L.Trainer:
-    """The configured Trainer; Lightning's refusal of a setting as one `UserError`."""
+    """The configured Trainer, with `NoProfiler` where no profiler is given (Lightning's default, at less cost a
+    hook call); Lightning's refusal of a setting as one `UserError`."""
+    if trainer_cfg.get("profiler") is None and kwargs.get("profiler") is None:
+        kwargs["profiler"] = NoProfiler()
     try:
         return instantiate(trainer_cfg, **kwargs)
     except InstantiationException as err:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import gzip
 import struct
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -61,6 +63,21 @@ def save_variants(folder: Path) -> list[str]:
     canvas.convert("RGB").save(folder / "photo.jpg", quality=95)
     Image.fromarray(np.stack([image] * 3, axis=-1)).resize((61, 61), Image.BILINEAR).save(folder / "rgb_odd.png")
     return ["light_on_dark.png", "photo.jpg", "rgb_odd.png"]
+
+
+@functools.cache
+def huge_png(width: int = 20_000, height: int = 20_000) -> bytes:
+    """A valid black 1-bit PNG written row by row: 20000x20000 takes 50 kB and 0.2 s, never its 400 MB of pixels,
+    and is past Pillow's decompression-bomb limit (which makes `Image.open` refuse it)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    packer = zlib.compressobj(9)
+    row = bytes(1 + (width + 7) // 8)  # filter type 0, then the row's bits
+    idat = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1 bit a pixel, grayscale
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
 @pytest.fixture(scope="session")

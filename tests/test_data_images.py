@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import functools
 import io
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import save_variants
+from conftest import huge_png, save_variants
 from fashion_lightning import UserError
 from fashion_lightning.data.images import (
     ImageError,
@@ -30,21 +27,6 @@ def encoded(image: Image.Image, fmt: str = "PNG", **kwargs: object) -> io.BytesI
     image.save(buffer, format=fmt, **kwargs)
     buffer.seek(0)
     return buffer
-
-
-@functools.cache
-def huge_png(width: int = 20_000, height: int = 20_000) -> bytes:
-    """A valid black 1-bit PNG written row by row: 20000x20000 takes 50 kB and 0.2 s, never its 400 MB of pixels,
-    and is past Pillow's decompression-bomb limit (which makes `Image.open` refuse it)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    packer = zlib.compressobj(9)
-    row = bytes(1 + (width + 7) // 8)  # filter type 0, then the row's bits
-    idat = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
-    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1 bit a pixel, grayscale
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
 def test_every_form_of_an_image_converts_alike(tmp_path: Path) -> None:

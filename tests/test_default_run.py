@@ -16,6 +16,7 @@ import torch
 
 from conftest import compose_train, quick_overrides
 from fashion_lightning import CNN, FashionMNISTDataModule
+from fashion_lightning.lit.profilers import NoProfiler
 from fashion_lightning.train import train
 
 BATCHES, EPOCHS = 130, 2
@@ -78,6 +79,12 @@ def test_the_simple_profiler_counts_every_training_batch(data_dir: Path, tmp_pat
     durations = seen.trainer.profiler.recorded_durations
     (step_key,) = [k for k in durations if k.endswith("training_step")]
     assert len(durations[step_key]) == BATCHES * EPOCHS
+
+
+def test_without_a_profiler_the_default_run_profiles_nothing_at_less_cost(data_dir: Path, tmp_path: Path) -> None:
+    seen = Seen()
+    default_run(data_dir, tmp_path / "run", "trainer.max_epochs=1", callbacks=(seen,))
+    assert type(seen.trainer.profiler) is NoProfiler and seen.trainer.profiler.summary() == ""
 
 
 def test_a_checkpoint_of_the_app_resumes_in_a_plain_trainer_to_the_right_step(data_dir: Path, tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ evaluate; an interrupted fit saves where it stood; the best checkpoint's record 
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 from pathlib import Path
 
 import lightning as L
@@ -14,7 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from conftest import compose_train, fit_model, quick_overrides
 from fashion_lightning import CNN, DenseBaseline, FashionMNISTDataModule
-from fashion_lightning.lit.callbacks import EMA, BestCheckpoint, SaveOnInterrupt
+from fashion_lightning.lit.callbacks import EMA, FiniteLoss, RunCheckpoint, SaveOnInterrupt, TrainingDiverged
 from fashion_lightning.train import train
 
 
@@ -81,6 +82,49 @@ def test_an_exception_outside_fit_saves_no_interrupted_checkpoint(data_dir: Path
     assert not save.ckpt_path.exists()
 
 
+class NaNFromStep(DenseBaseline):
+    """A dense baseline whose training loss is NaN from optimizer step ``nan_step`` on."""
+
+    def __init__(self, nan_step: int, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self.nan_step = nan_step
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("nan") if self.global_step >= self.nan_step else loss
+
+
+class StepsSeen(L.Callback):
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: object) -> None:
+        self.steps.append(trainer.global_step)
+
+
+@pytest.mark.parametrize(("every", "nan_step", "last_step", "kept"), [
+    (4, 6, 7, "step=6"),  # looked at every 4 steps: after steps 4-7, as step 7 begins
+    (1, 6, 6, "step=6"),  # every step: before step 6's optimizer step
+    (50, 5, 5, "step=4"),  # the checkpoint due after step 5 looks first, and is not written
+])
+def test_a_non_finite_loss_stops_the_fit_within_every_steps_and_saves_no_weights_it_trained(
+        every: int, nan_step: int, last_step: int, kept: str, data_dir: Path, tmp_path: Path) -> None:
+    seen, save = StepsSeen(), SaveOnInterrupt(str(tmp_path / "checkpoints"))
+    periodic = ModelCheckpoint(dirpath=tmp_path / "checkpoints", every_n_train_steps=2)
+    with pytest.raises(TrainingDiverged, match=rf"^the training loss became nan at epoch 0, step {nan_step}: "
+                                               r"training diverged; lower the learning rate \(model.lr=0.001\)$"):
+        fit_model(NaNFromStep(nan_step), data_dir, tmp_path, callbacks=(FiniteLoss(every=every), seen, save, periodic),
+                  max_steps=40, enable_checkpointing=True)
+    assert seen.steps[-1] == last_step
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == [f"epoch=0-{kept}.ckpt"]  # no interrupted.ckpt
+
+
+def test_a_diverged_fit_names_the_learning_rate_an_optimizer_config_sets(data_dir: Path, tmp_path: Path) -> None:
+    sgd = {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.05}
+    with pytest.raises(TrainingDiverged, match=r"lower the learning rate \(model.optimizer.lr=0.05\)$"):
+        fit_model(NaNFromStep(0, optimizer=sgd), data_dir, tmp_path, callbacks=(FiniteLoss(every=1),), max_steps=3)
+
+
 @pytest.mark.parametrize("earlier_file", ["kept", "deleted"])
 def test_the_best_checkpoint_record_moves_to_a_new_directory_while_its_file_exists(earlier_file: str,
                                                                                   tmp_path: Path) -> None:
@@ -91,10 +135,31 @@ def test_the_best_checkpoint_record_moves_to_a_new_directory_while_its_file_exis
     saved = ModelCheckpoint(dirpath=earlier.parent, monitor="val/acc", mode="max")
     saved.best_model_path, saved.best_model_score = str(earlier), torch.tensor(0.9)
     saved.best_k_models, saved.kth_best_model_path = {str(earlier): torch.tensor(0.9)}, str(earlier)
-    resumed = BestCheckpoint(dirpath=tmp_path / "new", monitor="val/acc", mode="max")
+    resumed = RunCheckpoint(dirpath=tmp_path / "new", monitor="val/acc", mode="max")
     assert resumed.state_key == saved.state_key  # checkpoints of either class resume with the other
     resumed.load_state_dict(saved.state_dict())
     if earlier_file == "kept":
         assert resumed.best_model_score == 0.9 and resumed.best_k_models == {str(earlier): 0.9}
     else:  # nothing to test against: a fresh record, as Lightning keeps across directories
         assert resumed.best_model_score is None and resumed.best_k_models == {} and resumed.best_model_path == ""
+
+
+def test_the_run_checkpoints_work_out_their_state_key_once_a_fit(monkeypatch: pytest.MonkeyPatch, data_dir: Path,
+                                                                 tmp_path: Path) -> None:
+    """Lightning reads every callback's state key at each hook call (six a step); ModelCheckpoint's is a repr."""
+    made: Counter[int] = Counter()
+    generate = ModelCheckpoint._generate_state_key
+
+    def counted(self: ModelCheckpoint, **kwargs: object) -> str:
+        made[id(self)] += 1
+        return generate(self, **kwargs)
+
+    monkeypatch.setattr(ModelCheckpoint, "_generate_state_key", counted)
+    best = RunCheckpoint(dirpath=tmp_path / "checkpoints", filename="best", monitor="val/acc", mode="max")
+    last = RunCheckpoint(dirpath=tmp_path / "checkpoints", filename="last")
+    plain = ModelCheckpoint(dirpath=tmp_path / "plain", every_n_epochs=2)  # a key of its own
+    fit_model(DenseBaseline(), data_dir, tmp_path, callbacks=(best, last, plain), max_epochs=1,
+              limit_train_batches=10, enable_checkpointing=True)
+    assert made[id(best)] == made[id(last)] == 1 and made[id(plain)] > 60  # Lightning's own: at every hook call
+    assert {p.name for p in (tmp_path / "checkpoints").iterdir()} == {"best.ckpt", "last.ckpt"}
+

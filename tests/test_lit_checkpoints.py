@@ -175,6 +175,19 @@ def test_a_checkpoint_naming_the_fused_network_fast_loads_it(fast: bool, tmp_pat
         assert "fast" not in model.hparams and model.hparams.lr == 0.002
 
 
+def test_a_checkpoint_holding_accuracy_counts_loads_them_as_the_same_running_accuracy(tmp_path: Path) -> None:
+    """Checkpoints of 0.1-0.3 hold ``train_acc`` as MulticlassAccuracy's micro counts: 90 of 120 images right."""
+    state = {k: v for k, v in CNN().state_dict().items() if not k.startswith("train_acc.")}
+    state |= {"train_acc.tp": torch.tensor(90), "train_acc.fp": torch.tensor(30), "train_acc.tn": torch.tensor(1050),
+              "train_acc.fn": torch.tensor(30)}
+    path = tmp_path / "counts.ckpt"
+    torch.save({CHECKPOINT_KEY: "fashion_lightning.classifiers:CNN", "state_dict": state, "hyper_parameters": {},
+                "pytorch-lightning_version": "2.6.6"}, path)
+    for model in (load_model(path), CNN.load_from_checkpoint(path)):
+        model.train_acc.update(torch.tensor([True, False]))  # the epoch goes on: 91 of 122
+        assert float(model.train_acc.compute()) == pytest.approx(91 / 122)
+
+
 def test_a_checkpoint_of_a_python_callers_path_settings_loads(tmp_path: Path) -> None:
     """``FashionMNISTDataModule(data_dir=Path(...))`` from Python: Lightning saves the PosixPath as given."""
     path = tmp_path / "path.ckpt"

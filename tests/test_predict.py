@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 from PIL import Image
-from test_data_images import huge_png
 
-from conftest import one_line_error, save_variants, synthetic_split
+from conftest import huge_png, one_line_error, save_variants, synthetic_split
 from fashion_lightning import UserError
 from fashion_lightning.app import CONFIG_DIR
 from fashion_lightning.predict import parse_test_items, predict

@@ -26,9 +26,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from PIL import Image
-from test_data_images import huge_png
 
-from conftest import synthetic_split
+from conftest import huge_png, synthetic_split
 from fashion_lightning.app import CONFIG_DIR, probabilities
 from fashion_lightning.data.datamodule import CLASS_NAMES
 from fashion_lightning.data.images import open_image

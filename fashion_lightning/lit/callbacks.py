@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import signal
 import threading
 import time
@@ -95,6 +96,16 @@ class TrainingDiverged(UserError):
     """The training loss became NaN or infinite (`FiniteLoss`)."""
 
 
+def learning_rate_setting(pl_module: L.LightningModule) -> str:
+    """`` (model.lr=0.001)``, or `` (model.optimizer.lr=0.05)`` where an optimizer config replaces the flat settings:
+    the setting that sets the module's learning rate, as an app's override names it; empty where none does."""
+    hparams = getattr(pl_module, "hparams", {})
+    optimizer = hparams.get("optimizer")
+    name, lr = ("model.optimizer.lr", optimizer.get("lr")) if isinstance(optimizer, dict) else ("model.lr",
+                                                                                               hparams.get("lr"))
+    return f" ({name}={lr:g})" if isinstance(lr, int | float) and not isinstance(lr, bool) else ""
+
+
 class FiniteLoss(Callback):
     """Stops a fit within ``every`` training steps of the first whose loss is not finite: one clear error naming
     the epoch, the step and the likely cause, instead of a run that trains on NaN and reports its chance accuracy.
@@ -128,10 +139,8 @@ class FiniteLoss(Callback):
         if bool(finite.all()):  # the one wait for the device
             return
         loss, epoch, step = pending[int((~finite).nonzero()[0])]
-        lr = pl_module.hparams.get("lr") if hasattr(pl_module, "hparams") else None
         raise TrainingDiverged(f"the training loss became {float(loss):g} at epoch {epoch}, step {step}: training "
-                               "diverged; lower the learning rate"
-                               + (f" (model.lr={lr:g})" if isinstance(lr, int | float) else ""))
+                               f"diverged; lower the learning rate{learning_rate_setting(pl_module)}")
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.check(pl_module)
@@ -147,17 +156,23 @@ class FiniteLoss(Callback):
         self.check(pl_module)
 
 
-class BestCheckpoint(ModelCheckpoint):
-    """Lightning's ``ModelCheckpoint``, whose record of the best checkpoints survives a resume into another directory.
+class RunCheckpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` for the app's run directories: its record of the checkpoints it saved survives a
+    resume into another directory, and its state key is worked out once.
 
     Every run of the app writes into a directory of its own, also a resumed one, and Lightning forgets the best score
     where ``dirpath`` changed: the first validation after the resume would become "best", however it compares with
     the epochs before. Here the resumed fit keeps comparing with them, and ``best_model_path`` stays the earlier
     run's file (while it exists) until a better one is saved. Lightning never deletes a checkpoint outside
     ``dirpath``.
+
+    Lightning puts every callback's ``state_key`` into a profiler label at each hook call, six a training step, with or
+    without a profiler (``lightning.pytorch.trainer.call._call_callback_hooks``; no upstream issue found), and
+    ``ModelCheckpoint``'s key is a ``repr`` of its settings: about 40 µs a step each on a 2-core CPU
+    (``benchmarks/step_parts.py``). The settings it names are fixed at ``__init__``, so the key is made once.
     """
 
-    @property
+    @functools.cached_property
     def state_key(self) -> str:
         """``ModelCheckpoint``'s key: checkpoints written with either class resume with the other."""
         return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
