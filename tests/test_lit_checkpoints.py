@@ -176,7 +176,7 @@ def test_a_checkpoint_naming_the_fused_network_fast_loads_it(fast: bool, tmp_pat
 
 
 def test_a_checkpoint_holding_accuracy_counts_loads_them_as_the_same_running_accuracy(tmp_path: Path) -> None:
-    """Checkpoints of 0.1-0.3 hold ``train_acc`` as MulticlassAccuracy's micro counts: 90 of 120 images right."""
+    """Earlier checkpoints hold ``train_acc`` as MulticlassAccuracy's micro counts: 90 of 120 images right."""
     state = {k: v for k, v in CNN().state_dict().items() if not k.startswith("train_acc.")}
     state |= {"train_acc.tp": torch.tensor(90), "train_acc.fp": torch.tensor(30), "train_acc.tn": torch.tensor(1050),
               "train_acc.fn": torch.tensor(30)}

@@ -94,8 +94,8 @@ def cosine_with_warmup(optimizer: torch.optim.Optimizer, total_steps: int,
 
 
 def _accuracy_counts_as_mean(module: nn.Module, state_dict: dict[str, Tensor], prefix: str, *args: Any) -> None:
-    """A ``load_state_dict`` pre-hook: a checkpoint written before the accuracies became means (0.1 to 0.3) holds
-    ``train_acc`` as MulticlassAccuracy's micro counts, ``tp`` (the correct images) and ``fn`` (the others), with
+    """A ``load_state_dict`` pre-hook: a checkpoint written before the accuracies became means (before 2026-12-07)
+    holds ``train_acc`` as MulticlassAccuracy's micro counts, ``tp`` (the correct images) and ``fn`` (the others), with
     ``fp`` and ``tn``; they become the running mean's sum and count, the same accuracy."""
     counts = {name: state_dict.pop(f"{prefix}train_acc.{name}", None) for name in ("tp", "fp", "tn", "fn")}
     if counts["tp"] is not None and counts["fn"] is not None:
