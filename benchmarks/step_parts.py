@@ -51,7 +51,7 @@ class Parts:
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
         self.calls: Counter[str] = Counter()
-        self.on = False
+        self.on, self.started = False, 0.0
         self._children: list[float] = []  # for each wrapped call in flight: the time of its wrapped callees
 
     def wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:

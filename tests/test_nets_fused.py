@@ -187,14 +187,14 @@ def test_torchscript_compiles_the_plain_network_with_the_same_weights(fast: type
 
 
 @pytest.mark.parametrize(("cls", "net"), [(CNN, FusedConvNet), (DenseBaseline, FusedDenseNet)])
-def test_fast_is_a_choice_of_network_whose_checkpoint_loads_into_either(cls: type, net: type) -> None:
-    fast = cls(fused=True)
-    assert type(fast.net) is net
+def test_fused_is_a_choice_of_network_whose_checkpoint_loads_into_either(cls: type, net: type) -> None:
+    fused_module = cls(fused=True)
+    assert type(fused_module.net) is net
     plain = cls()
-    plain.load_state_dict(fast.state_dict())
+    plain.load_state_dict(fused_module.state_dict())
     x = torch.rand(3, 1, 28, 28)
-    torch.testing.assert_close(fast.eval()(x), plain.eval()(x), atol=1e-5, rtol=1e-5)
-    assert pickle.loads(pickle.dumps(fast)).hparams["fused"] is True
+    torch.testing.assert_close(fused_module.eval()(x), plain.eval()(x), atol=1e-5, rtol=1e-5)
+    assert pickle.loads(pickle.dumps(fused_module)).hparams["fused"] is True
 
 
 CAPABILITIES = ("default", "avx2", "avx512")  # each a subset of the next

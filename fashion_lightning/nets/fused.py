@@ -18,7 +18,7 @@ from fashion_lightning.nets.tutorial import ConvNet, DenseNet
 HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 """Where ``nn.Module`` keeps the hooks registered on it (no public API lists them): a hook on a layer the kernels
 replace would not run, so a hooked network takes its plain ``forward``. Where torch keeps them elsewhere, every
-network counts as hooked (always correct, never fused); ``tests/test_fast_networks.py`` pins that hooks are seen."""
+network counts as hooked (always correct, never fused); ``tests/test_nets_fused.py`` pins that hooks are seen."""
 
 
 def _hooked(net: nn.Module) -> bool:

@@ -1,7 +1,7 @@
 """Fused CPU kernels for the tutorial's layers: the same functions and gradients as the plain modules, faster.
 
-Each kernel states the plain math it replaces; ``tests/test_fast_kernels.py`` checks outputs and every gradient
-(input, weight, bias) against that math, exact ties included. They expect float32 CPU tensors; `networks`
+Each kernel states the plain math it replaces; ``tests/test_nets_kernels.py`` checks outputs and every gradient
+(input, weight, bias) against that math, exact ties included. They expect float32 CPU tensors; `fused`
 decides where they apply.
 """
 
